@@ -1,0 +1,362 @@
+"""
+BERT for extractive question answering, from scratch in plain PyTorch.
+
+One file holds the whole model: a dataclass config, the embeddings, post-LayerNorm encoder
+layers whose head count and FFN width may differ from layer to layer (what a pruned and
+compacted model needs), the QA head, and loading/saving of Hugging Face BERT checkpoints
+(safetensors read and written without the safetensors package).
+
+This file imports nothing else from the project.
+"""
+import hashlib
+import http.client
+import json
+import os
+import struct
+import sys
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int | list = 12  # an int for every layer, or one count per layer (0 allowed)
+    intermediate_size: int | list = 3072  # FFN width, likewise (0 allowed)
+    attention_head_size: int = 0  # 0: hidden_size // num_attention_heads (must then be an int)
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if not self.attention_head_size:
+            if not isinstance(self.num_attention_heads, int) or self.num_attention_heads <= 0:
+                raise ValueError("BertConfig: attention_head_size is needed when num_attention_heads is a list")
+            self.attention_head_size = self.hidden_size // self.num_attention_heads
+        # from here on both are per-layer lists
+        for name in ("num_attention_heads", "intermediate_size"):
+            v = getattr(self, name)
+            v = [v] * self.num_hidden_layers if isinstance(v, int) else list(v)
+            if len(v) != self.num_hidden_layers or any(not isinstance(x, int) or x < 0 for x in v):
+                raise ValueError(f"BertConfig: {name} must be an int or {self.num_hidden_layers} ints >= 0, got {v}")
+            setattr(self, name, v)
+
+    @classmethod
+    def from_dict(cls, d):
+        """From a Hugging Face or blockprune config.json; unknown keys are ignored."""
+        if d.get("hidden_act", "gelu") != "gelu" or d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"config: only hidden_act 'gelu' and absolute positions are supported, got "
+                             f"{d.get('hidden_act')!r} / {d.get('position_embedding_type')!r}")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def to_dict(self):
+        d = asdict(self)
+        if len(set(self.num_attention_heads)) == 1 and self.num_attention_heads[0] * self.attention_head_size == self.hidden_size:
+            d["num_attention_heads"] = self.num_attention_heads[0]  # uniform: stays readable by transformers
+        if len(set(self.intermediate_size)) == 1:
+            d["intermediate_size"] = self.intermediate_size[0]
+        return {"model_type": "bert", "architectures": ["BertForQuestionAnswering"], "hidden_act": "gelu", **d}
+
+
+class Layer(nn.Module):
+    """One post-LayerNorm encoder layer (Vaswani et al. 2017; Devlin et al. 2019).
+    With 0 heads (or FFN width 0) the Linears are empty: the matmuls and attention are skipped,
+    the output bias, the residual and the LayerNorm stay, as in the masked model it came from."""
+
+    def __init__(self, config, heads, ffn):
+        super().__init__()
+        h, d = config.hidden_size, heads * config.attention_head_size
+        self.heads, self.head_size = heads, config.attention_head_size
+        self.query, self.key, self.value = nn.Linear(h, d), nn.Linear(h, d), nn.Linear(h, d)
+        self.attn_out = nn.Linear(d, h)
+        self.attn_ln = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, ffn)
+        self.ffn_out = nn.Linear(ffn, h)
+        self.ffn_ln = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.attn_dropout = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, mask):
+        B, T, _ = x.shape
+        if self.heads:
+            q, k, v = (lin(x).view(B, T, self.heads, self.head_size).transpose(1, 2)
+                       for lin in (self.query, self.key, self.value))
+            # fused attention kernel (flash / memory-efficient on GPU); mask is (B, 1, 1, T) booleans
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.attn_dropout if self.training else 0.0)
+            a = self.attn_out(a.transpose(1, 2).reshape(B, T, -1))
+        else:
+            a = self.attn_out.bias  # what an all-zero attention output leaves
+        x = self.attn_ln(x + self.dropout(a))
+        f = self.ffn_out(F.gelu(self.ffn_in(x))) if self.ffn_in.out_features else self.ffn_out.bias
+        return self.ffn_ln(x + self.dropout(f))
+
+
+class BertForQuestionAnswering(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, h)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
+        self.embeddings_ln = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layers = nn.ModuleList(Layer(config, n, f) for n, f in
+                                    zip(config.num_attention_heads, config.intermediate_size))
+        self.qa_outputs = nn.Linear(h, 2)  # start and end logit per token
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        # BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            if m.weight.numel():
+                nn.init.normal_(m.weight, std=self.config.initializer_range)
+        if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        B, T = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
+        x = self.dropout(self.embeddings_ln(x))
+        # padding: every query may attend to the keys that are not padding (True = attend)
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+        for layer in self.layers:
+            x = layer(x, mask)
+        start, end = self.qa_outputs(x).float().unbind(-1)
+        return start, end
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, cache_dir=None):
+        """Load a Hugging Face BERT checkpoint (or one of ours) from a directory or a hub name."""
+        d = resolve_checkpoint(name_or_dir, cache_dir)
+        config_path = d / "config.json"
+        try:
+            config = BertConfig.from_dict(json.loads(config_path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{config_path}: not a usable BERT config ({e})") from None
+        model = cls(config)
+        weights = d / "model.safetensors"
+        if weights.exists():
+            state = read_safetensors(weights)
+        else:
+            weights = d / "pytorch_model.bin"
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_hf_state_dict(state, source=str(weights))
+        return model
+
+    def load_hf_state_dict(self, state, source="state dict"):
+        """Copy tensors named as in transformers' BertModel / BertForQuestionAnswering into this model;
+        report missing, unexpected and misshapen tensors by name."""
+        ours = self.state_dict()
+        loaded, unexpected, misshapen = set(), [], []
+        for k, v in state.items():
+            name = from_hf_name(k)
+            if name is None:
+                continue  # pooler, position_ids, pretraining heads: not part of a QA model
+            if name not in ours:
+                unexpected.append(k)
+            elif ours[name].shape != v.shape:
+                misshapen.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(ours[name].shape)}")
+            else:
+                ours[name].copy_(v)
+                loaded.add(name)
+        missing = [k for k in ours if k not in loaded]
+        if missing == ["qa_outputs.weight", "qa_outputs.bias"]:
+            log(f"{source}: no QA head in the checkpoint; qa_outputs initialised at random")
+            missing = []
+        if missing or unexpected or misshapen:
+            raise ValueError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}, "
+                             f"shape mismatch {misshapen}")
+
+    def save_pretrained(self, out_dir, vocab_file=None):
+        """config.json + model.safetensors (Hugging Face names) + vocab.txt, each written atomically."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
+        write_safetensors(out_dir / "model.safetensors", {to_hf_name(k): v for k, v in self.state_dict().items()})
+        if vocab_file is not None and Path(vocab_file).resolve() != (out_dir / "vocab.txt").resolve():
+            atomic_write(out_dir / "vocab.txt", Path(vocab_file).read_bytes())
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---- names: ours <-> transformers' -----------------------------------------------------------
+
+_HF_NAMES = [  # (transformers' name fragment, ours), most specific first
+    ("embeddings.word_embeddings.", "word_embeddings."),
+    ("embeddings.position_embeddings.", "position_embeddings."),
+    ("embeddings.token_type_embeddings.", "token_type_embeddings."),
+    ("embeddings.LayerNorm.", "embeddings_ln."),
+    ("attention.self.query.", "query."),
+    ("attention.self.key.", "key."),
+    ("attention.self.value.", "value."),
+    ("attention.output.dense.", "attn_out."),
+    ("attention.output.LayerNorm.", "attn_ln."),
+    ("intermediate.dense.", "ffn_in."),
+    ("output.dense.", "ffn_out."),
+    ("output.LayerNorm.", "ffn_ln."),
+]
+
+
+def from_hf_name(k):
+    """'bert.encoder.layer.3.attention.self.query.weight' -> 'layers.3.query.weight'. None for the
+    tensors a QA model has no use for (pooler, pretraining heads, position_ids); a name that is
+    neither comes back as it is, and is then reported as unexpected."""
+    k = k.removeprefix("bert.")
+    if k.startswith(("pooler.", "cls.")) or k.endswith("position_ids"):
+        return None
+    k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")  # TF-era names
+    k = k.replace("encoder.layer.", "layers.")
+    for hf, ours in _HF_NAMES:
+        if hf in k:
+            return k.replace(hf, ours)
+    return k
+
+
+def to_hf_name(k):
+    """The inverse of from_hf_name, so that transformers can read the checkpoints we write."""
+    if k.startswith("qa_outputs."):
+        return k
+    prefix, rest = "", k
+    if k.startswith("layers."):
+        i, rest = k.removeprefix("layers.").split(".", 1)
+        prefix = f"encoder.layer.{i}."
+    for hf, ours in _HF_NAMES:
+        if rest.startswith(ours):
+            return "bert." + prefix + hf + rest[len(ours):]
+    raise KeyError(f"no transformers name for {k}")
+
+
+# ---- safetensors without the package: 8-byte header length, JSON header, raw little-endian bytes ----
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+    except (struct.error, ValueError) as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    out, base = {}, 8 + n
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        if t["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {t['dtype']}")
+        lo, hi = t["data_offsets"]
+        if base + hi > len(data):
+            raise ValueError(f"{path}: truncated (tensor {name} ends at byte {base + hi}, file has {len(data)})")
+        buf = bytearray(data[base + lo:base + hi])
+        out[name] = torch.frombuffer(buf, dtype=_DTYPES[t["dtype"]]).reshape(t["shape"]) if buf else \
+            torch.empty(t["shape"], dtype=_DTYPES[t["dtype"]])
+    return out
+
+
+def write_safetensors(path, tensors):
+    names = {v: k for k, v in _DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)  # the format pads the header to 8 bytes
+    atomic_write(path, struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+# ---- files: atomic writes, downloads, the hub ---------------------------------------------------
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def atomic_write(path, data):
+    """Write bytes to a temporary file beside path and rename it over path: a crash leaves the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download(url, path, md5=None):
+    """Download url to path (atomically), checking the length and, if given, the md5."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    log(f"downloading {url} -> {path}")
+    try:
+        got, h = 0, hashlib.md5()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                expected = int(r.headers.get("Content-Length") or -1)
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+                    got += len(chunk)
+        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, IncompleteRead
+            raise OSError(f"could not download {url}: {getattr(e, 'reason', None) or e!r}") from None
+        if expected >= 0 and got != expected:
+            raise OSError(f"download of {url} cut off after {got} of {expected} bytes; nothing saved")
+        if md5 is not None and h.hexdigest() != md5:
+            raise OSError(f"download of {url} has md5 {h.hexdigest()}, expected {md5}; nothing saved")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def resolve_checkpoint(name_or_dir, cache_dir=None):
+    """A local directory as it is; a hub name ('bert-base-uncased') downloaded once into the cache."""
+    p = Path(name_or_dir)
+    if p.is_dir():
+        return p
+    if p.exists() or str(name_or_dir).startswith((".", "/")) or str(name_or_dir).count("/") > 1:
+        raise FileNotFoundError(f"{name_or_dir}: not a checkpoint directory (expected config.json and "
+                                f"model.safetensors or pytorch_model.bin in it)")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    d = Path(cache_dir or DATA_DIR / "hub") / str(name_or_dir).replace("/", "--")
+    for files in (("config.json", "vocab.txt", "model.safetensors"), ("config.json", "vocab.txt", "pytorch_model.bin")):
+        try:
+            for f in files:
+                if not (d / f).exists():
+                    download(f"{endpoint}/{name_or_dir}/resolve/main/{f}", d / f)
+            return d
+        except OSError as e:
+            err = e
+    raise OSError(f"{err}\nno network? download the checkpoint elsewhere and pass its directory "
+                  f"(config.json, vocab.txt, model.safetensors) instead of '{name_or_dir}'")
