@@ -15,6 +15,7 @@ import os
 import struct
 import sys
 import urllib.request
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,11 +80,13 @@ class Layer(nn.Module):
         super().__init__()
         h, d = config.hidden_size, heads * config.attention_head_size
         self.heads, self.head_size = heads, config.attention_head_size
-        self.query, self.key, self.value = nn.Linear(h, d), nn.Linear(h, d), nn.Linear(h, d)
-        self.attn_out = nn.Linear(d, h)
+        with warnings.catch_warnings():  # "initializing zero-element tensors is a no-op": expected for 0 heads
+            warnings.simplefilter("ignore")
+            self.query, self.key, self.value = nn.Linear(h, d), nn.Linear(h, d), nn.Linear(h, d)
+            self.attn_out = nn.Linear(d, h)
+            self.ffn_in = nn.Linear(h, ffn)
+            self.ffn_out = nn.Linear(ffn, h)
         self.attn_ln = nn.LayerNorm(h, eps=config.layer_norm_eps)
-        self.ffn_in = nn.Linear(h, ffn)
-        self.ffn_out = nn.Linear(ffn, h)
         self.ffn_ln = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.attn_dropout = config.attention_probs_dropout_prob
         self.dropout = nn.Dropout(config.hidden_dropout_prob)

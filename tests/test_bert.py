@@ -1,0 +1,159 @@
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bert
+from bert import BertConfig, BertForQuestionAnswering
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_config(**kw):
+    return BertConfig(**{"vocab_size": 99, "hidden_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
+                         "intermediate_size": 80, "max_position_embeddings": 64, **kw})
+
+
+def random_weights(model):
+    # non-trivial biases and LayerNorms too, so that a swapped or dropped tensor shows
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() < 2 else p.normal_(0, 0.05)
+    return model.eval()
+
+
+def hf_twin(model):
+    """transformers' BertForQuestionAnswering with our weights; narrower Linears where a layer has fewer
+    heads or a narrower FFN (transformers 5.x takes the head count from the Linear's width)."""
+    c = model.config
+    hf = transformers.BertForQuestionAnswering(transformers.BertConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.hidden_size // c.attention_head_size, intermediate_size=max(c.intermediate_size),
+        max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps))
+    for layer, heads, ffn in zip(hf.bert.encoder.layer, c.num_attention_heads, c.intermediate_size):
+        d, h = heads * c.attention_head_size, c.hidden_size
+        att = layer.attention
+        att.self.query, att.self.key, att.self.value = nn.Linear(h, d), nn.Linear(h, d), nn.Linear(h, d)
+        att.output.dense = nn.Linear(d, h)
+        layer.intermediate.dense, layer.output.dense = nn.Linear(h, ffn), nn.Linear(ffn, h)
+    hf.load_state_dict({bert.to_hf_name(k): v for k, v in model.state_dict().items()})
+    return hf.eval()
+
+
+def batch(vocab_size, B=3, T=24):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 17:] = 0  # padding
+    mask[2, 5:] = 0
+    types = torch.zeros(B, T, dtype=torch.long)
+    types[:, 9:] = 1
+    return ids, mask, types
+
+
+def assert_same_logits(ours, hf, vocab_size):
+    ids, mask, types = batch(vocab_size)
+    with torch.no_grad():
+        s, e = ours(ids, mask, types)
+        out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    torch.testing.assert_close(s, out.start_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(e, out.end_logits, atol=1e-5, rtol=0)
+
+
+def test_logits_match_transformers_random_config():
+    model = random_weights(BertForQuestionAnswering(tiny_config()))
+    assert_same_logits(model, hf_twin(model), 99)
+
+
+def test_logits_match_pruned_transformers_with_uneven_layers():
+    model = random_weights(BertForQuestionAnswering(tiny_config(
+        num_attention_heads=[4, 1, 2], intermediate_size=[80, 7, 33], attention_head_size=12)))
+    assert_same_logits(model, hf_twin(model), 99)
+
+
+@pytest.mark.parametrize("name", ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"])
+def test_logits_match_transformers_on_real_checkpoints(shared, name):
+    path = shared / "models" / name
+    ours = BertForQuestionAnswering.from_pretrained(path).eval()
+    assert ours.config.attention_head_size == 32  # 384 / 12, not 64
+    hf = transformers.BertForQuestionAnswering.from_pretrained(path).eval()
+    hf.qa_outputs.load_state_dict(ours.qa_outputs.state_dict())  # neither checkpoint has a QA head
+    assert_same_logits(ours, hf, ours.config.vocab_size)
+
+
+def test_layers_without_attention_or_ffn_keep_bias_residual_and_layernorm():
+    model = random_weights(BertForQuestionAnswering(tiny_config(
+        num_attention_heads=[0, 4, 0], intermediate_size=[0, 80, 5], attention_head_size=12)))
+    layer = model.layers[0]
+    x = torch.randn(2, 5, 48)
+    y = layer(x, None)
+    a = layer.attn_ln(x + layer.attn_out.bias)
+    torch.testing.assert_close(y, layer.ffn_ln(a + layer.ffn_out.bias))
+    s, _ = model(*batch(99)[:2])
+    assert torch.isfinite(s).all()
+
+
+def test_uneven_checkpoint_round_trips(tmp_path):
+    model = random_weights(BertForQuestionAnswering(tiny_config(
+        num_attention_heads=[0, 3, 4], intermediate_size=[12, 0, 80], attention_head_size=12)))
+    (tmp_path / "v.txt").write_text("[PAD]\n[UNK]\n")
+    model.save_pretrained(tmp_path / "ck", vocab_file=tmp_path / "v.txt")
+    back = BertForQuestionAnswering.from_pretrained(tmp_path / "ck").eval()
+    assert back.config == model.config
+    assert (tmp_path / "ck" / "vocab.txt").read_text() == "[PAD]\n[UNK]\n"
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_even_checkpoint_is_readable_by_transformers(tmp_path):
+    model = random_weights(BertForQuestionAnswering(tiny_config()))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_attention_heads"] == 4
+    assert_same_logits(model, transformers.BertForQuestionAnswering.from_pretrained(tmp_path).eval(), 99)
+
+
+def test_pytorch_bin_and_tf_era_names_load(tmp_path):
+    model = random_weights(BertForQuestionAnswering(tiny_config()))
+    state = {bert.to_hf_name(k).replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in model.state_dict().items()}
+    state["bert.pooler.dense.weight"] = torch.zeros(48, 48)  # skipped, not an error
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    back = BertForQuestionAnswering.from_pretrained(tmp_path).eval()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+def test_checkpoint_mismatch_names_the_tensors(tmp_path):
+    model = BertForQuestionAnswering(tiny_config())
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 64, "num_hidden_layers": 4}))
+    with pytest.raises(ValueError) as e:
+        BertForQuestionAnswering.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "bert.encoder.layer.0.intermediate.dense.weight: checkpoint (80, 48), model (64, 48)" in msg
+    assert "layers.3.query.weight" in msg  # missing
+
+
+def test_safetensors_round_trip_and_truncation_is_reported(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).to(torch.bfloat16),
+               "empty": torch.zeros(4, 0)}
+    bert.write_safetensors(tmp_path / "t.safetensors", tensors)
+    back = bert.read_safetensors(tmp_path / "t.safetensors")
+    assert all(torch.equal(tensors[k], back[k]) and tensors[k].dtype == back[k].dtype for k in tensors)
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ValueError, match="cut.safetensors: truncated"):
+        bert.read_safetensors(tmp_path / "cut.safetensors")
+
+
+def test_missing_directory_says_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        BertForQuestionAnswering.from_pretrained(tmp_path / "nope")
+
+
+def test_config_rejects_wrong_per_layer_lengths():
+    with pytest.raises(ValueError, match="num_attention_heads must be"):
+        tiny_config(num_attention_heads=[4, 4], attention_head_size=12)

@@ -1,0 +1,168 @@
+import math
+
+import pytest
+import torch
+
+import blockprune as bp
+from bert import BertConfig, BertForQuestionAnswering
+
+
+def tiny(heads=4, ffn=48, layers=3, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=ffn, max_position_embeddings=32)
+    model = BertForQuestionAnswering(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 50, (3, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    mask[2, 4:] = 0
+    return ids, mask, (torch.arange(16) >= 6).long().expand(3, 16)
+
+
+def test_threshold_zero_prunes_nothing():
+    model = tiny()
+    masked = bp.MaskedBert(model, bp.PruneConfig(block="16x16")).eval()
+    with torch.no_grad():
+        for s in masked.scores.values():
+            s.normal_(0, 5)  # very negative scores too: sigmoid > 0 still holds
+    assert all(bool((m == 1).all()) for m in masked.masks(0.0).values())
+    torch.testing.assert_close(masked(*inputs()), model(*inputs()), atol=0, rtol=0)
+
+
+def test_scores_get_gradients_through_the_straight_through_estimator():
+    masked = bp.MaskedBert(tiny(), bp.PruneConfig(block="16x16"))
+    masked.threshold = 0.3  # sigmoid(0) = 0.5 > 0.3: all kept, yet every score must learn
+    start, end = masked(*inputs())
+    (start.logsumexp(-1) + end[:, 3]).sum().backward()
+    for name, s in masked.scores.items():
+        assert s.grad is not None and s.grad.abs().sum() > 0, name
+    # straight-through: d mask / d score = 1
+    s = torch.zeros(4, requires_grad=True)
+    m = bp.binarize(s, 0.6)
+    assert m.tolist() == [0, 0, 0, 0]
+    (m * torch.arange(4.0)).sum().backward()
+    assert s.grad.tolist() == [0, 1, 2, 3]
+
+
+def test_topk_keeps_exactly_k():
+    scores = torch.randn(12, 12)
+    for threshold in (0.0, 0.25, 0.9):
+        m = bp.binarize(scores, threshold, "topk")
+        k = math.ceil((1 - threshold) * 144)
+        assert int(m.sum()) == k
+        assert m[scores >= scores.flatten().topk(k).values[-1]].all()
+
+
+@pytest.mark.parametrize("block, shape", [("32x32", (2, 2)), ("1x1", (64, 64)), ("row", (64, 1)),
+                                          ("col", (1, 64)), ("head", (4, 1))])
+def test_block_shapes_give_one_score_per_block(block, shape):
+    masked = bp.MaskedBert(tiny(), bp.PruneConfig(block=block))
+    assert masked.scores["layer0_query"].shape == shape
+    assert masked.scores["layer0_attn_out"].shape == ((1, 4) if block == "head" else shape)
+    assert masked.scores["layer0_ffn"].shape == (48,)
+
+
+def test_block_that_does_not_divide_the_matrix_is_refused():
+    with pytest.raises(ValueError, match="--block 24x24: blocks of 24x24 do not divide the query matrix 64x64"):
+        bp.MaskedBert(tiny(), bp.PruneConfig(block="24x24"))
+
+
+def test_schedule_warmup_ramp_and_cooldown():
+    c = bp.PruneConfig(final_threshold=0.1, final_lambda=20, warmup_steps=10, ramp_steps=100)
+    assert bp.threshold_schedule(0, c) == 0 and bp.threshold_schedule(10, c) == 0
+    assert bp.threshold_schedule(60, c) == pytest.approx(0.1 * (1 - 0.5 ** 3))
+    assert bp.threshold_schedule(110, c) == pytest.approx(0.1)
+    assert bp.threshold_schedule(500, c) == pytest.approx(0.1)
+    assert bp.lambda_schedule(bp.threshold_schedule(60, c), c) == pytest.approx(20 * (1 - 0.5 ** 3))
+    assert bp.lambda_schedule(0.1, c) == pytest.approx(20)
+
+
+def test_regularizer_weights_attention_and_ffn():
+    masked = bp.MaskedBert(tiny(layers=2), bp.PruneConfig(block="16x16"))
+    with torch.no_grad():
+        for name, s in masked.scores.items():
+            s.fill_(0.0 if name.endswith("_ffn") else 100.0)  # sigmoid: 0.5 FFN, 1 attention
+    assert bp.regularization(masked).item() == pytest.approx((1.0 * 1 + 0.25 * 0.5) / 2)
+
+
+def test_distillation_loss_is_ce_when_teacher_agrees_and_alpha_ce_is_one():
+    s, e = torch.randn(4, 10), torch.randn(4, 10)
+    pos = torch.tensor([1, 2, 3, 0])
+    ce = (torch.nn.functional.cross_entropy(s, pos) + torch.nn.functional.cross_entropy(e, pos)) / 2
+    assert float(bp.distillation_loss(s, e, s, e, pos, pos, 2.0, 0.9, 0.1)) == pytest.approx(0.1 * float(ce), abs=1e-6)
+    t = torch.randn(4, 10)
+    kd = torch.nn.functional.kl_div((s / 2).log_softmax(-1), (t / 2).softmax(-1), reduction="batchmean") * 4
+    got = bp.distillation_loss(s, s, t, t, pos, pos, 2.0, 1.0, 0.0)
+    assert float(got) == pytest.approx(float(kd), rel=1e-5)
+
+
+def test_param_groups_give_scores_their_own_lr_and_no_decay():
+    masked = bp.MaskedBert(tiny(), bp.PruneConfig(block="16x16"))
+    groups = bp.param_groups(masked, 3e-5, 1e-2, weight_decay=0.01)
+    assert [g["lr"] for g in groups] == [3e-5, 1e-2] and groups[1]["weight_decay"] == 0
+    assert len(groups[1]["params"]) == len(masked.scores) == 3 * 5
+
+
+def random_masks(masked):
+    """Scores that leave a mix: live and dead heads (dead through Q, K, V or the output), layers with
+    no attention and with no FFN, half-dead FFNs, and partly pruned blocks inside live heads."""
+    with torch.no_grad():
+        for s in masked.scores.values():
+            s.copy_(torch.where(torch.rand(s.shape) < 0.3, -5.0, 5.0))
+        masked.scores["layer0_query"][0].fill_(-5)  # head 0 has no query left
+        masked.scores["layer0_key"][1].fill_(-5)  # head 1 has no key left
+        masked.scores["layer0_value"][2].fill_(-5)  # head 2 has no value left
+        masked.scores["layer0_attn_out"][:, 6:8].fill_(5)  # 16x8 blocks: head 3 owns score columns 6, 7
+        for name in ("query", "key", "value"):
+            masked.scores[f"layer0_{name}"][3].fill_(5)  # head 3 lives
+        masked.scores["layer1_value"].fill_(-5)  # layer 1: no attention at all
+        masked.scores["layer2_ffn"].fill_(-5)  # layer 2: no FFN at all
+        masked.scores["layer1_ffn"][:20].fill_(-5)
+    masked.threshold = masked.config.final_threshold
+
+
+def test_compacted_model_gives_the_masked_models_logits():
+    model = tiny()
+    masked = bp.MaskedBert(model, bp.PruneConfig(block="16x8")).eval()  # 16x8 blocks, head size 16
+    random_masks(masked)
+    small = bp.compact(masked).eval()
+    assert small.config.num_attention_heads[:2] == [1, 0] and small.config.intermediate_size[2] == 0
+    assert small.config.intermediate_size[1] <= 28
+    with torch.no_grad():
+        want, got = masked(*inputs()), small(*inputs())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    s = masked.structure()
+    assert s["heads"] == small.config.num_attention_heads and s["ffn"] == small.config.intermediate_size
+    assert s["compact_density"] == pytest.approx(bp.linear_params(small.config) / bp.linear_params(model.config))
+
+
+def test_report_counts_what_the_weights_hold(tmp_path):
+    masked = bp.MaskedBert(tiny(), bp.PruneConfig(block="16x16"))
+    random_masks(masked)
+    small = bp.compact(masked)
+    r = bp.report(small, tiny().config)
+    held = sum(getattr(l, n).weight.numel() for l in small.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
+    assert r["linear_params"] == held and r["linear_params_dense"] == 3 * (4 * 64 * 64 + 2 * 48 * 64)
+    assert r["heads"] == sum(small.config.num_attention_heads) and r["total_params"] == small.num_parameters()
+    assert "linear params" in bp.format_report(r)
+    if bp.plot_report(r, tmp_path / "structure.png"):
+        assert (tmp_path / "structure.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fill_replaces_only_zeros_with_small_noise():
+    model = tiny()
+    w = model.layers[0].query.weight
+    with torch.no_grad():
+        w[:8].zero_()
+    before = w.clone()
+    bp.fill(model, noise=0.01, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(w[8:], before[8:])
+    assert (w[:8] != 0).all() and w[:8].abs().max() < 0.01 * before.std() * 6
