@@ -353,13 +353,16 @@ def resolve_checkpoint(name_or_dir, cache_dir=None):
                                 f"model.safetensors or pytorch_model.bin in it)")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     d = Path(cache_dir or DATA_DIR / "hub") / str(name_or_dir).replace("/", "--")
-    for files in (("config.json", "vocab.txt", "model.safetensors"), ("config.json", "vocab.txt", "pytorch_model.bin")):
-        try:
-            for f in files:
-                if not (d / f).exists():
-                    download(f"{endpoint}/{name_or_dir}/resolve/main/{f}", d / f)
-            return d
-        except OSError as e:
-            err = e
-    raise OSError(f"{err}\nno network? download the checkpoint elsewhere and pass its directory "
-                  f"(config.json, vocab.txt, model.safetensors) instead of '{name_or_dir}'")
+    try:
+        for f in ("config.json", "vocab.txt"):
+            if not (d / f).exists():
+                download(f"{endpoint}/{name_or_dir}/resolve/main/{f}", d / f)
+        if not ((d / "model.safetensors").exists() or (d / "pytorch_model.bin").exists()):
+            try:
+                download(f"{endpoint}/{name_or_dir}/resolve/main/model.safetensors", d / "model.safetensors")
+            except OSError:  # older checkpoints have only the pickled weights
+                download(f"{endpoint}/{name_or_dir}/resolve/main/pytorch_model.bin", d / "pytorch_model.bin")
+    except OSError as e:
+        raise OSError(f"{e}\nno network? download the checkpoint elsewhere and pass its directory "
+                      f"(config.json, vocab.txt, model.safetensors) instead of '{name_or_dir}'") from None
+    return d

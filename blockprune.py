@@ -16,14 +16,16 @@ The method, top to bottom:
 
 Imports only bert.py; knows nothing of SQuAD.
 """
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bert import BertForQuestionAnswering
+from bert import BertForQuestionAnswering, atomic_write, read_safetensors, write_safetensors
 
 ATTENTION = ("query", "key", "value", "attn_out")  # the four attention matrices of a layer
 
@@ -157,16 +159,20 @@ class MaskedBert(nn.Module):
         """What the masks leave: per layer heads and FFN units alive, and the density of the linear
         weights before compaction (zeros counted out) and after it (zeros inside survivors counted in)."""
         m = self.masks(threshold)
-        heads, units, kept = [], [], 0
+        heads, units, attn, ffn = [], [], 0, 0
         for i, layer in enumerate(self.model.layers):
             heads.append(int(heads_alive({n: m[f"layers.{i}.{n}.weight"] for n in ATTENTION}, layer.heads).sum())
                          if layer.heads else 0)
             units.append(int(m[f"layers.{i}.ffn_in.bias"].sum()))
-            kept += sum(int(m[f"layers.{i}.{n}.weight"].sum()) for n in ATTENTION + ("ffn_in", "ffn_out"))
-        h = self.model.config.hidden_size
-        compact = sum(4 * n * self.model.config.attention_head_size * h + 2 * f * h for n, f in zip(heads, units))
-        total = linear_params(self.model.config)
-        return {"heads": heads, "ffn": units, "density": kept / total, "compact_density": compact / total}
+            attn += sum(int(m[f"layers.{i}.{n}.weight"].sum()) for n in ATTENTION)
+            ffn += 2 * units[-1] * layer.ffn_in.in_features
+        c = self.model.config
+        attn_total = 4 * sum(c.num_attention_heads) * c.attention_head_size * c.hidden_size
+        ffn_total = 2 * sum(c.intermediate_size) * c.hidden_size
+        compact = sum(4 * n * c.attention_head_size * c.hidden_size + 2 * f * c.hidden_size for n, f in zip(heads, units))
+        return {"heads": heads, "ffn": units, "attention_density": attn / max(1, attn_total),
+                "ffn_density": ffn / max(1, ffn_total), "density": (attn + ffn) / (attn_total + ffn_total),
+                "compact_density": compact / (attn_total + ffn_total)}
 
 
 def linear_params(config):
@@ -311,3 +317,27 @@ def plot_report(r, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+# ---- checkpoints of a masked model: the BERT as bert.py saves it, plus the scores -----------------
+
+def save_masked(masked, out_dir, vocab_file=None):
+    masked.model.save_pretrained(out_dir, vocab_file)
+    write_safetensors(Path(out_dir) / "scores.safetensors", {k: v.detach() for k, v in masked.scores.items()})
+    atomic_write(Path(out_dir) / "prune_config.json", json.dumps(asdict(masked.config), indent=2).encode())
+
+
+def load_masked(path):
+    path = Path(path)
+    if not (path / "scores.safetensors").exists():
+        raise FileNotFoundError(f"{path}: no scores.safetensors: not a pruned (masked) checkpoint")
+    config = PruneConfig(**json.loads((path / "prune_config.json").read_text()))
+    masked = MaskedBert(BertForQuestionAnswering.from_pretrained(path), config)
+    scores = read_safetensors(path / "scores.safetensors")
+    if scores.keys() != masked.scores.keys():
+        raise ValueError(f"{path / 'scores.safetensors'}: scores {sorted(set(scores) ^ set(masked.scores))} "
+                         f"do not fit the model")
+    with torch.no_grad():
+        for k, v in scores.items():
+            masked.scores[k].copy_(v)
+    return masked

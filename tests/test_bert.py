@@ -157,3 +157,60 @@ def test_missing_directory_says_what_is_expected(tmp_path):
 def test_config_rejects_wrong_per_layer_lengths():
     with pytest.raises(ValueError, match="num_attention_heads must be"):
         tiny_config(num_attention_heads=[4, 4], attention_head_size=12)
+
+
+def hub_files(tmp_path, fmt="safetensors"):
+    model = random_weights(BertForQuestionAnswering(tiny_config()))
+    model.save_pretrained(tmp_path / "src", vocab_file=None)
+    files = {"config.json": (tmp_path / "src" / "config.json").read_bytes(), "vocab.txt": b"[PAD]\n[UNK]\n"}
+    if fmt == "safetensors":
+        files["model.safetensors"] = (tmp_path / "src" / "model.safetensors").read_bytes()
+    else:
+        import io
+        buf = io.BytesIO()
+        torch.save({bert.to_hf_name(k): v for k, v in model.state_dict().items()}, buf)
+        files["pytorch_model.bin"] = buf.getvalue()
+    return model, {f"/org/tiny-bert/resolve/main/{k}": v for k, v in files.items()}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_hub_name_is_downloaded_once_into_the_cache(tmp_path, http_server, monkeypatch, fmt):
+    model, files = hub_files(tmp_path, fmt)
+    monkeypatch.setenv("HF_ENDPOINT", http_server(files))
+    back = BertForQuestionAnswering.from_pretrained("org/tiny-bert", cache_dir=tmp_path / "cache").eval()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    asked = list(http_server.requests)
+    BertForQuestionAnswering.from_pretrained("org/tiny-bert", cache_dir=tmp_path / "cache")
+    assert http_server.requests == asked  # the second load reads the cache
+    cached = sorted(p.name for p in (tmp_path / "cache" / "org--tiny-bert").iterdir())
+    assert cached == sorted(["config.json", "vocab.txt", f"model.{fmt}" if fmt == "safetensors" else "pytorch_model.bin"])
+
+
+def test_hub_download_cut_off_leaves_no_file(tmp_path, http_server, monkeypatch):
+    _, files = hub_files(tmp_path)
+    body = files["/org/tiny-bert/resolve/main/model.safetensors"]
+
+    def cut_off(handler):  # promise the whole file, send half, hang up
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[:len(body) // 2])
+
+    files["/org/tiny-bert/resolve/main/model.safetensors"] = cut_off
+    monkeypatch.setenv("HF_ENDPOINT", http_server(files))
+    with pytest.raises(OSError, match="pass its directory"):
+        BertForQuestionAnswering.from_pretrained("org/tiny-bert", cache_dir=tmp_path / "cache")
+    left = [p.name for p in (tmp_path / "cache" / "org--tiny-bert").iterdir()]
+    assert "model.safetensors" not in left and not any("tmp" in n for n in left)
+
+
+def test_offline_hub_name_names_the_url_and_the_way_out(tmp_path, monkeypatch):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(OSError) as e:
+        BertForQuestionAnswering.from_pretrained("bert-base-uncased", cache_dir=tmp_path)
+    assert f"http://127.0.0.1:{port}/bert-base-uncased/resolve/main/config.json" in str(e.value)
+    assert "instead of 'bert-base-uncased'" in str(e.value)

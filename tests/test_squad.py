@@ -1,0 +1,337 @@
+"""train_squad.py's data section: files, features, answers and the official metric."""
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_squad as ts
+
+ROOT = Path(__file__).resolve().parents[1]
+LEADERBOARD = {"bert-ensemble-google": (86.206, 92.196), "logistic-regression-baseline": (40.142, 50.982)}
+
+
+@pytest.fixture(scope="module")
+def vocab(shared):
+    return shared / "models/all-MiniLM-L6-v2/vocab.txt"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(vocab):
+    return ts.load_tokenizer(vocab)
+
+
+@pytest.fixture(scope="module")
+def dev(shared):
+    return ts.load_squad(shared / "squad/dev-v1.1.json")
+
+
+@pytest.fixture(scope="module")
+def head(shared):
+    return ts.load_squad(shared / "squad/train-v1.1-head4370.json")
+
+
+@pytest.fixture(scope="module")
+def head_features(head, tokenizer):
+    return ts.featurize(head, tokenizer, 384, 128, train=True)
+
+
+def squad_json(paragraphs, title="T"):
+    """A SQuAD v1.1 file body from [(context, [(qid, question, [(text, start), ...]), ...]), ...]."""
+    return {"version": "1.1", "data": [{"title": title, "paragraphs": [
+        {"context": c, "qas": [{"id": i, "question": q, "answers": [{"text": t, "answer_start": s} for t, s in a]}
+                               for i, q, a in qas]} for c, qas in paragraphs]}]}
+
+
+# ---- the official metric ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", LEADERBOARD)
+def test_leaderboard_predictions_score_as_published(name, shared, dev):
+    predictions = json.loads((shared / f"squad/leaderboard/{name}.dev.predictions.json").read_text())
+    r = ts.squad_evaluate(dev, predictions)
+    assert (round(r["exact_match"], 3), round(r["f1"], 3)) == LEADERBOARD[name]
+
+
+@pytest.mark.parametrize("name", LEADERBOARD)
+def test_score_command_prints_one_json_line(name, shared):
+    out = subprocess.run([sys.executable, str(ROOT / "train_squad.py"),
+                          "--score", str(shared / f"squad/leaderboard/{name}.dev.predictions.json"),
+                          "--dev_file", str(shared / "squad/dev-v1.1.json")],
+                         capture_output=True, text=True, check=True).stdout
+    r = json.loads(out.strip())
+    assert (round(r["exact_match"], 3), round(r["f1"], 3)) == LEADERBOARD[name]
+
+
+def test_metric_normalizes_like_the_official_script():
+    assert ts.normalize_answer("  The  Cat's, an apple!  ") == "cats apple"
+    assert ts.normalize_answer("theatre") == "theatre"  # articles only as whole words
+    assert ts.exact_match("the Eiffel Tower.", "Eiffel tower") == 1.0
+    assert ts.f1_score("x b c", "b c d") == pytest.approx(2 / 3)
+    assert ts.f1_score("a b c", "b c d") == pytest.approx(0.8)  # "a" is dropped: precision 1, recall 2/3
+    assert ts.f1_score("the", "a") == 0.0  # both normalize to nothing
+
+
+def test_unanswered_questions_score_zero_and_are_counted(capsys):
+    examples = [{"id": "q1", "gold_texts": ["x"]}, {"id": "q2", "gold_texts": ["y"]}]
+    assert ts.squad_evaluate(examples, {"q1": "x"}) == {"exact_match": 50.0, "f1": 50.0}
+    assert "1 unanswered questions will receive score 0" in capsys.readouterr().err
+
+
+# ---- reading SQuAD files ------------------------------------------------------------------------
+
+def test_malformed_json_names_file_and_position(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('{"data": [\n  {"title": "x",, }\n]}')
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON \(line 2, column 17"):
+        ts.load_squad(p)
+
+
+def test_missing_key_names_where(tmp_path):
+    d = squad_json([("ctx a", [("a", "q?", [("ctx", 0)])]), ("ctx b", [("b", "q?", [("ctx", 0)])])])
+    del d["data"][0]["paragraphs"][1]["qas"][0]["question"]
+    p = tmp_path / "missing.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"missing\.json: data\[0\]\.paragraphs\[1\]\.qas\[0\]: missing 'question'"):
+        ts.load_squad(p)
+
+
+def test_mismatched_answers_dropped_for_training_kept_for_scoring(tmp_path, capsys, tokenizer):
+    ctx = "Paris is the capital of France."
+    d = squad_json([(ctx, [("good", "Capital?", [("Paris", 0)]),
+                           ("half", "Country?", [("Frence", 24), ("France", 24)]),
+                           ("none", "What?", [("Berlin", 0)])])])
+    p = tmp_path / "mismatch.json"
+    p.write_text(json.dumps(d))
+    ex = ts.load_squad(p)
+    err = capsys.readouterr().err
+    assert "2 questions" in err and "half, none" in err
+    assert [e["answers"] for e in ex] == [[{"text": "Paris", "answer_start": 0}], [{"text": "France", "answer_start": 24}], []]
+    assert ex[1]["gold_texts"] == ["Frence", "France"]  # the metric still sees every gold text
+    assert ts.squad_evaluate(ex, {"good": "Paris", "half": "Frence", "none": "Berlin"})["exact_match"] == 100.0
+    f = ts.featurize(ex, tokenizer, train=True)
+    assert f["example_index"].tolist() == [0, 1]  # no training label for "none"
+    assert ts.featurize(ex, tokenizer)["example_index"].tolist() == [0, 1, 2]
+
+
+# ---- tokenizer and features ---------------------------------------------------------------------
+
+def test_vocab_without_special_tokens_is_refused(tmp_path):
+    p = tmp_path / "vocab.txt"
+    p.write_text("[PAD]\n[UNK]\nhello\n")
+    with pytest.raises(ValueError, match=r"vocab\.txt: not a BERT vocab, \['\[CLS\]', '\[SEP\]'\] missing"):
+        ts.load_tokenizer(p)
+
+
+def run_qa_features(hf, examples, max_len, stride):
+    """transformers' run_qa.py prepare_train_features, labels included, as the oracle."""
+    enc = hf([e["question"].lstrip() for e in examples], [e["context"] for e in examples],
+             truncation="only_second", max_length=max_len, stride=stride, return_overflowing_tokens=True,
+             return_offsets_mapping=True, padding="max_length")
+    starts, ends = [], []
+    for i, offsets in enumerate(enc["offset_mapping"]):
+        input_ids, seq = enc["input_ids"][i], enc.sequence_ids(i)
+        cls_index = input_ids.index(hf.cls_token_id)
+        answer = examples[enc["overflow_to_sample_mapping"][i]]["answers"][0]
+        start_char = answer["answer_start"]
+        end_char = start_char + len(answer["text"])
+        token_start_index = 0
+        while seq[token_start_index] != 1:
+            token_start_index += 1
+        token_end_index = len(input_ids) - 1
+        while seq[token_end_index] != 1:
+            token_end_index -= 1
+        if not (offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char):
+            starts.append(cls_index)
+            ends.append(cls_index)
+        else:
+            while token_start_index < len(offsets) and offsets[token_start_index][0] <= start_char:
+                token_start_index += 1
+            starts.append(token_start_index - 1)
+            while offsets[token_end_index][1] >= end_char:
+                token_end_index -= 1
+            ends.append(token_end_index + 1)
+    return enc, starts, ends
+
+
+@pytest.mark.parametrize("max_len,stride", [(384, 128), (128, 32)])
+def test_features_match_transformers_run_qa(max_len, stride, shared, head, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.BertTokenizerFast.from_pretrained(shared / "models/all-MiniLM-L6-v2")
+    assert hf("hello world")["input_ids"] == [101, 7592, 2088, 102]  # METHOD.md: check the oracle itself
+    examples = head[::3]  # ~1,460 questions spread over all 12 articles
+    enc, starts, ends = run_qa_features(hf, examples, max_len, stride)
+    f = ts.featurize(examples, tokenizer, max_len, stride, train=True)
+    assert len(f["input_ids"]) > len(examples)  # overflowing windows are part of the test
+    for k in ("input_ids", "token_type_ids", "attention_mask"):
+        assert f[k].tolist() == enc[k], k
+    assert f["example_index"].tolist() == enc["overflow_to_sample_mapping"]
+    seq = [enc.sequence_ids(i) for i in range(len(starts))]
+    context = torch.tensor([[s == 1 for s in ids] for ids in seq])
+    expected = torch.tensor(enc["offset_mapping"]).masked_fill(~context[..., None], -1)
+    assert torch.equal(f["offsets"], expected)
+    assert f["end_positions"].tolist() == ends
+    # run_qa.py's start loop runs on past the context when the answer starts in the window's last
+    # context token and labels the [SEP] after it; we label that last context token. Nowhere else differ.
+    ours = f["start_positions"].tolist()
+    differ = [i for i in range(len(starts)) if ours[i] != starts[i]]
+    for i in differ:
+        last = max(t for t, s in enumerate(seq[i]) if s == 1)
+        assert seq[i][starts[i]] is None and ours[i] == last == ends[i]
+    assert len(differ) == {384: 0, 128: 4}[max_len]
+
+
+def test_question_too_long_for_the_stride_is_refused(tokenizer):
+    ex = [{"id": "long", "question": "why " * 21, "context": "because " * 50, "answers": []}]
+    with pytest.raises(ValueError, match="question long has 21 tokens: max_seq_length 48 with doc_stride 24"):
+        ts.featurize(ex, tokenizer, 48, 24)
+    assert len(ts.featurize(ex, tokenizer, 48, 16)["input_ids"]) > 1
+
+
+def test_featurize_leaves_callers_tokenizer_alone(tokenizer, head):
+    ts.featurize(head[:3], tokenizer, 128, 32)
+    assert tokenizer.truncation is None and tokenizer.padding is None
+
+
+def test_window_counts_match_method(dev, head_features, tokenizer):
+    assert len(ts.featurize(dev, tokenizer, 384, 128)["input_ids"]) == 10_784
+    assert len(head_features["input_ids"]) == 4_457
+
+
+# ---- answers ------------------------------------------------------------------------------------
+
+def test_perfect_logits_give_back_the_labelled_spans(head, head_features):
+    f = head_features
+    L = f["input_ids"].shape[1]
+    start = torch.nn.functional.one_hot(f["start_positions"], L).float()
+    end = torch.nn.functional.one_hot(f["end_positions"], L).float()
+    t = time.perf_counter()
+    pred = ts.postprocess(head, f, start, end)
+    assert time.perf_counter() - t < 5
+    # every question with a labelled span of at most 30 tokens gets exactly that span's text back
+    expected = {}
+    for w, (i, s, e) in enumerate(zip(f["example_index"].tolist(), f["start_positions"].tolist(), f["end_positions"].tolist())):
+        if s > 0 and e - s < 30:
+            expected[head[i]["id"]] = head[i]["context"][f["offsets"][w, s, 0]:f["offsets"][w, e, 1]]
+    assert len(expected) > 0.99 * len(head)
+    assert {q: pred[q] for q in expected} == expected
+    # spans are whole WordPiece tokens ("sixth" for "six"), so EM stops a little short of 100
+    assert ts.squad_evaluate(head, pred)["exact_match"] > 99.0
+
+
+def answer(start, end, n_windows=1, **kw):
+    """postprocess on ten context words "w0 ... w9" at tokens 3..12 of 16-token windows, all of one
+    question; start and end logits are 0 but for {(window, token): value}."""
+    context = " ".join(f"w{i}" for i in range(10))
+    offsets = torch.full((n_windows, 16, 2), -1)
+    for i in range(10):
+        offsets[:, 3 + i] = torch.tensor([3 * i, 3 * i + 2])
+    s, e = torch.zeros(n_windows, 16), torch.zeros(n_windows, 16)
+    for logits, values in ((s, start), (e, end)):
+        for (w, tok), v in values.items():
+            logits[w, tok] = v
+    features = {"offsets": offsets, "example_index": torch.zeros(n_windows, dtype=torch.int64)}
+    return ts.postprocess([{"id": "q", "context": context}], features, s, e, **kw)["q"]
+
+
+def test_postprocess_respects_context_order_length_and_n_best():
+    assert answer({(0, 4): 5}, {(0, 6): 5}) == "w1 w2 w3"  # tokens 4..6
+    assert answer({(0, 0): 9, (0, 4): 5}, {(0, 0): 9, (0, 6): 5}) == "w1 w2 w3"  # [CLS] is not context
+    assert answer({(0, 8): 9, (0, 4): 5}, {(0, 5): 9, (0, 6): 5}) == "w1 w2"  # end before start: skipped
+    # 10 tokens (3..12) is too long for max_answer_length=3; 3 tokens (10..12) is not
+    assert answer({(0, 3): 9, (0, 10): 5}, {(0, 12): 9}, max_answer_length=3) == "w7 w8 w9"
+    # with n_best=2 only the two best starts (both outside the context) are tried: no answer
+    assert answer({(0, 0): 9, (0, 1): 8, (0, 5): 7}, {(0, 6): 9}, n_best=2) == ""
+    assert answer({(0, 0): 9, (0, 1): 8, (0, 5): 7}, {(0, 6): 9}, n_best=3) == "w2 w3"
+    # the best pair over all windows of the question
+    assert answer({(0, 4): 5, (1, 7): 6}, {(0, 4): 5, (1, 8): 6}, n_windows=2) == "w4 w5"
+
+
+# ---- the feature cache --------------------------------------------------------------------------
+
+@pytest.fixture
+def small_squad(tmp_path, shared):
+    d = json.loads((shared / "squad/train-v1.1-head4370.json").read_text())
+    d["data"] = d["data"][:1]
+    p = tmp_path / "small.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def test_cache_second_call_hits_and_rebuilds_when_corrupt(small_squad, vocab, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    args = (small_squad, vocab, True, 384, 128, True)
+    ex, f = ts.cached_features(*args, cache_dir=cache)
+    files = list(cache.iterdir())
+    assert len(files) == 1 and len(f["input_ids"]) > len(ex) > 100
+    with monkeypatch.context() as m:
+        m.setattr(ts, "featurize", lambda *a, **kw: pytest.fail("the cache was not used"))
+        ex2, f2 = ts.cached_features(*args, cache_dir=cache)
+    assert ex2 == ex and f2.keys() == f.keys() and all(torch.equal(f[k], f2[k]) for k in f)
+    files[0].write_bytes(files[0].read_bytes()[:1000])  # a cut-off file
+    _, f3 = ts.cached_features(*args, cache_dir=cache)
+    assert all(torch.equal(f[k], f3[k]) for k in f)
+    _, f4 = ts.cached_features(*args, cache_dir=cache)  # rebuilt file is good again
+    assert all(torch.equal(f[k], f4[k]) for k in f)
+    ts.cached_features(small_squad, vocab, True, 384, 64, True, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 2  # another doc_stride, another key
+
+
+# ---- downloading SQuAD --------------------------------------------------------------------------
+
+SMALL = json.dumps(squad_json([("Paris is the capital of France.", [("q1", "Capital?", [("Paris", 0)])])])).encode()
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(ts, "DATA_DIR", tmp_path)
+    return tmp_path
+
+
+def test_squad_file_downloads_once_with_md5(http_server, data_dir, monkeypatch):
+    monkeypatch.setitem(ts.SQUAD_URLS, "dev", ("https://example.invalid/dev-v1.1.json", hashlib.md5(SMALL).hexdigest()))
+    monkeypatch.setenv("SQUAD_URL_BASE", http_server({"/dev-v1.1.json": SMALL}))
+    path = ts.squad_file("dev")
+    assert path == data_dir / "squad/dev-v1.1.json" and path.read_bytes() == SMALL
+    assert ts.squad_file("dev") == path and http_server.requests == ["/dev-v1.1.json"]  # not fetched again
+    assert ts.load_squad(path)[0]["id"] == "q1"
+
+
+def test_squad_download_with_wrong_md5_leaves_nothing(http_server, data_dir, monkeypatch):
+    monkeypatch.setitem(ts.SQUAD_URLS, "dev", ("https://example.invalid/dev-v1.1.json", "0" * 32))
+    monkeypatch.setenv("SQUAD_URL_BASE", http_server({"/dev-v1.1.json": SMALL}))
+    with pytest.raises(OSError, match="md5"):
+        ts.squad_file("dev")
+    assert list((data_dir / "squad").iterdir()) == []
+
+
+def test_squad_download_cut_off_leaves_nothing(http_server, data_dir, monkeypatch):
+    def cut_off(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(SMALL)))
+        handler.end_headers()
+        handler.wfile.write(SMALL[:len(SMALL) // 2])
+        handler.close_connection = True
+
+    monkeypatch.setenv("SQUAD_URL_BASE", http_server({"/dev-v1.1.json": cut_off}))
+    with pytest.raises(OSError, match="dev-v1.1.json"):
+        ts.squad_file("dev")
+    assert list((data_dir / "squad").iterdir()) == []
+
+
+def test_squad_download_without_server_names_url(data_dir, monkeypatch):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("SQUAD_URL_BASE", f"http://127.0.0.1:{port}")
+    with pytest.raises(OSError, match=f"http://127.0.0.1:{port}/train-v1.1.json"):
+        ts.squad_file("train")
+
+
+def test_squad_file_unknown_name_is_not_found(data_dir):
+    with pytest.raises(FileNotFoundError, match="nosuch.json"):
+        ts.squad_file("nosuch.json")

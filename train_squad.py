@@ -1,0 +1,714 @@
+"""
+SQuAD v1.1 with block movement pruning: data, training (dense / prune / fill), evaluation, report.
+
+    python train_squad.py                   # the paper's recipe on bert-base-uncased (needs the network, a GPU)
+    python train_squad.py --preset small    # the whole pipeline offline on CPU in about a minute
+    python train_squad.py --score PREDICTIONS.json --dev_file dev-v1.1.json   # the official metric
+
+Data section, top to bottom:
+- squad_file / load_squad: find (or download) a SQuAD v1.1 JSON file and flatten it to one dict per
+  question, with clear errors for malformed files.
+- load_tokenizer / featurize / cached_features: BERT WordPiece with the tokenizers library and the
+  windowing of transformers' run_qa.py (METHOD.md, "Evaluation details to match"), cached on disk.
+- postprocess: window logits -> one answer text per question.
+- normalize_answer / f1_score / exact_match / squad_evaluate / score_main: the official v1.1 metric.
+Then the training loop (train), evaluation (predict, evaluate), the stages (finetune, prune, compact,
+fill, eval, all) and the command line. The pruning method itself is all in blockprune.py.
+"""
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import string
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+
+import bert
+import blockprune as bp
+from bert import DATA_DIR, BertConfig, BertForQuestionAnswering, atomic_write, download, log
+
+# ---- the SQuAD v1.1 files ------------------------------------------------------------------------
+
+SQUAD_URLS = {
+    "train": ("https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json", "981b29407e0affa3b1b156f72073b945"),
+    "dev": ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552"),
+}
+
+
+def squad_file(path_or_split):
+    """An existing file as it is; "train" / "dev" from DATA_DIR/squad, downloaded once (md5-checked).
+    SQUAD_URL_BASE replaces the download site (a mirror, or a local server in the tests)."""
+    if Path(path_or_split).is_file():
+        return Path(path_or_split)
+    if path_or_split not in SQUAD_URLS:
+        raise FileNotFoundError(f"{path_or_split}: no such SQuAD file (give a path, 'train' or 'dev')")
+    url, md5 = SQUAD_URLS[path_or_split]
+    name = url.rsplit("/", 1)[1]
+    if base := os.environ.get("SQUAD_URL_BASE"):
+        url = f"{base.rstrip('/')}/{name}"
+    path = DATA_DIR / "squad" / name
+    if not path.exists():
+        download(url, path, md5)
+    return path
+
+
+def load_squad(path):
+    """One dict per question: id, title, question, context, answers (the spans whose text really is
+    context[answer_start:answer_start + len(text)]: training labels come from answers[0]) and
+    gold_texts (every gold answer text as the file gives it: what the official metric scores against,
+    so dropping a bad span never changes a score). A question whose spans are all bad keeps an empty
+    answers list: it is still evaluated, but featurize(train=True) leaves it out rather than teach the
+    model a wrong span or a [CLS] "no answer" that SQuAD v1.1 does not have."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    if isinstance(data, dict) and data.get("version", "1.1") != "1.1":
+        log(f"{path}: version {data['version']!r}, expected SQuAD v1.1 (every question must have an answer)")
+    examples, bad = [], []
+    where = "the top level"
+    try:
+        for i, article in enumerate(data["data"]):
+            where = f"data[{i}]"
+            title = article.get("title", "")  # unused by the metric: optional
+            for j, para in enumerate(article["paragraphs"]):
+                where = f"data[{i}].paragraphs[{j}]"
+                context = para["context"]
+                for k, qa in enumerate(para["qas"]):
+                    where = f"data[{i}].paragraphs[{j}].qas[{k}]"
+                    gold = [(a["text"], a["answer_start"]) for a in qa["answers"]]
+                    ok = [{"text": t, "answer_start": s} for t, s in gold if context[s:s + len(t)] == t]
+                    if len(ok) < len(gold):
+                        bad.append(qa["id"])
+                    examples.append({"id": qa["id"], "title": title, "question": qa["question"],
+                                     "context": context, "answers": ok, "gold_texts": [t for t, _ in gold]})
+    except KeyError as e:
+        raise ValueError(f"{path}: {where}: missing {e}") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: {where}: not SQuAD format ({e})") from None
+    if bad:
+        log(f"{path}: {len(bad)} questions have answer texts that do not match their context at "
+            f"answer_start (those spans are not used for training), e.g. {', '.join(bad[:5])}")
+    return examples
+
+
+# ---- tokenizer and features --------------------------------------------------------------------
+
+def load_tokenizer(vocab_file, lowercase=True):
+    """BERT's WordPiece tokenizer as transformers' BertTokenizerFast builds it from vocab.txt."""
+    vocab = WordPiece.read_file(str(vocab_file))  # raises if the file cannot be read
+    missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in vocab]
+    if missing:
+        raise ValueError(f"{vocab_file}: not a BERT vocab, {missing} missing")
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    # strip_accents follows lowercase, as in BERT uncased (strip_accents=None in BertTokenizer)
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=lowercase, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.decoder = decoders.WordPiece()
+    # as in transformers: "[SEP]" written in a text is the special token, not "[", "sep", "]"
+    tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+    return tok
+
+
+def featurize(examples, tokenizer, max_seq_length=384, doc_stride=128, train=False):
+    """Windows over the contexts as transformers' run_qa.py makes them: question (leading white space
+    stripped) then context, only the context truncated, doc_stride tokens shared by consecutive
+    windows, every window padded to max_seq_length. offsets: the character span of each context
+    token in its context, -1 elsewhere (question, specials, padding), for postprocess.
+    train=True adds start/end_positions from the first valid answer: [CLS] (0) for a window that does
+    not hold the whole answer; questions with no valid answer are left out (see load_squad)."""
+    if train:
+        keep = [i for i, ex in enumerate(examples) if ex["answers"]]
+        if len(keep) < len(examples):
+            log(f"featurize: {len(examples) - len(keep)} questions without a valid answer left out of training")
+    else:
+        keep = range(len(examples))
+    tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation and padding are our settings only
+    tok.no_truncation()
+    tok.no_padding()
+    questions = [examples[i]["question"].lstrip() for i in keep]
+    # a question that leaves no more than doc_stride tokens for the context makes the tokenizers
+    # library panic: refuse it here with a message that says why
+    room = max_seq_length - 3 - doc_stride  # [CLS] question [SEP] context [SEP]
+    for i, enc in zip(keep, tok.encode_batch(questions, add_special_tokens=False)):
+        if len(enc.ids) >= room:
+            raise ValueError(f"question {examples[i]['id']} has {len(enc.ids)} tokens: max_seq_length "
+                             f"{max_seq_length} with doc_stride {doc_stride} allows fewer than {room}")
+    tok.enable_truncation(max_seq_length, stride=doc_stride, strategy="only_second")
+    tok.enable_padding(length=max_seq_length, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+    encodings = tok.encode_batch([(q, examples[i]["context"]) for q, i in zip(questions, keep)])
+    windows, example_index = [], []
+    for i, enc in zip(keep, encodings):
+        windows += [enc] + enc.overflowing  # the first window, then the rest in order
+        example_index += [i] * (1 + len(enc.overflowing))
+    N, L = len(windows), max_seq_length
+    f = {k: _int64([getattr(w, a) for w in windows], N, L)
+         for k, a in (("input_ids", "ids"), ("token_type_ids", "type_ids"), ("attention_mask", "attention_mask"))}
+    f["example_index"] = torch.tensor(example_index, dtype=torch.int64)
+    special = _int64([w.special_tokens_mask for w in windows], N, L).bool()
+    context = (f["token_type_ids"] == 1) & ~special  # the second sequence minus its final [SEP]
+    offsets = _int64([chain.from_iterable(w.offsets) for w in windows], N, L, 2)
+    f["offsets"] = offsets.masked_fill(~context[..., None], -1)
+    if train:
+        # first answer's character span; the window holds it if its first context token starts at or
+        # before start_char and its last one ends at or after end_char (run_qa.py's test). Offsets grow
+        # along the context, so counting tokens finds the start token (the last one starting at or
+        # before start_char) and the end token (the first one ending at or after end_char). This is
+        # run_qa.py's labelling, except where its start loop steps past the context onto [SEP] (an
+        # answer starting in the window's last context token): we stay on that last context token.
+        ans = [examples[i]["answers"][0] for i in example_index]
+        start_char = torch.tensor([a["answer_start"] for a in ans])[:, None]
+        end_char = start_char + torch.tensor([len(a["text"]) for a in ans])[:, None]
+        first = context.int().argmax(1)
+        last = first + context.sum(1) - 1
+        rows = torch.arange(N)
+        inside = (offsets[rows, first, 0] <= start_char[:, 0]) & (offsets[rows, last, 1] >= end_char[:, 0])
+        start = first + (context & (offsets[..., 0] <= start_char)).sum(1) - 1
+        end = last - (context & (offsets[..., 1] >= end_char)).sum(1) + 1
+        f["start_positions"] = torch.where(inside, start, 0)
+        f["end_positions"] = torch.where(inside, end, 0)
+    return f
+
+
+def _int64(rows, *shape):
+    """Equal-length rows of ints -> an int64 tensor; np.fromiter is several times faster than
+    np.array or torch.tensor on millions of Python ints."""
+    flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(np.prod(shape)))
+    return torch.from_numpy(flat).view(*shape)
+
+
+FEATURES_VERSION = 1  # bump when featurize changes what it returns: old cache files are then ignored
+
+
+def cached_features(examples_path, vocab_file, lowercase, max_seq_length, doc_stride, train, cache_dir=None):
+    """(load_squad(examples_path), featurize(...)), the features kept in cache_dir (DATA_DIR/cache by
+    default) under a hash of everything that changes them."""
+    examples_path = squad_file(examples_path)
+    examples = load_squad(examples_path)
+    h = hashlib.sha256()
+    for part in (examples_path.read_bytes(), Path(vocab_file).read_bytes(),
+                 repr((lowercase, max_seq_length, doc_stride, train, FEATURES_VERSION)).encode()):
+        h.update(hashlib.sha256(part).digest())
+    path = Path(cache_dir or DATA_DIR / "cache") / f"squad-features-{h.hexdigest()[:24]}.pt"
+    if path.exists():
+        try:
+            return examples, torch.load(path, weights_only=True)
+        except Exception as e:  # a truncated or foreign file: torch raises several kinds
+            log(f"{path}: unreadable cache ({e!r}); rebuilding it")
+    features = featurize(examples, load_tokenizer(vocab_file, lowercase), max_seq_length, doc_stride, train)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(features, buf)
+    atomic_write(path, buf.getvalue())
+    return examples, features
+
+
+# ---- answers -------------------------------------------------------------------------------------
+
+def postprocess(examples, features, start_logits, end_logits, n_best=20, max_answer_length=30):
+    """{question id: answer text}: in each window the n_best start and n_best end tokens, every pair
+    that lies in the context with start <= end and at most max_answer_length tokens, scored
+    start + end logit; the best pair over all windows of a question (METHOD.md, as run_qa.py)."""
+    start_logits, end_logits = start_logits.float().cpu(), end_logits.float().cpu()
+    offsets = features["offsets"].cpu()
+    k = min(n_best, start_logits.shape[1])
+    s_val, s_idx = start_logits.topk(k, dim=1)  # [N, k]
+    e_val, e_idx = end_logits.topk(k, dim=1)
+    score = s_val[:, :, None] + e_val[:, None, :]  # [N, k, k]: every start with every end
+    length = e_idx[:, None, :] - s_idx[:, :, None] + 1
+    in_context = (offsets[:, :, 0] >= 0).gather(1, s_idx)[:, :, None] & (offsets[:, :, 0] >= 0).gather(1, e_idx)[:, None, :]
+    score = score.masked_fill(~in_context | (length < 1) | (length > max_answer_length), float("-inf"))
+    best, flat = score.flatten(1).max(1)  # best pair of each window
+    s_best, e_best = s_idx.gather(1, flat[:, None] // k)[:, 0], e_idx.gather(1, flat[:, None] % k)[:, 0]
+    rows = torch.arange(len(best))
+    start_char, end_char = offsets[rows, s_best, 0].tolist(), offsets[rows, e_best, 1].tolist()
+    predictions, best_score = {ex["id"]: "" for ex in examples}, {}  # "" when no pair is valid
+    for w, (i, b) in enumerate(zip(features["example_index"].tolist(), best.tolist())):
+        qid = examples[i]["id"]
+        if b > best_score.get(qid, float("-inf")):  # strictly: the first window wins a tie
+            best_score[qid] = b
+            predictions[qid] = examples[i]["context"][start_char[w]:end_char[w]]
+    return predictions
+
+
+# ---- the official SQuAD v1.1 metric (evaluate-v1.1.py, Rajpurkar et al. 2016) ---------------------
+
+_PUNCTUATION = set(string.punctuation)  # ASCII only, as the official script: "“" and "–" stay
+
+
+def normalize_answer(s):
+    """Lower case, drop punctuation, drop the articles a/an/the, collapse white space (in that order)."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def f1_score(prediction, ground_truth):
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction, ground_truth):
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+
+
+def squad_evaluate(examples, predictions):
+    """EM and F1 x100, each the max over all gold answer texts (gold_texts: unfiltered, as the official
+    script scores), averaged over every question; a question with no prediction scores 0."""
+    em = f1 = 0.0
+    missing = [ex["id"] for ex in examples if ex["id"] not in predictions]
+    if missing:
+        log(f"{len(missing)} unanswered questions will receive score 0, e.g. {', '.join(missing[:5])}")
+    for ex in examples:
+        if ex["id"] in predictions:
+            p = predictions[ex["id"]]
+            em += max((exact_match(p, g) for g in ex["gold_texts"]), default=0.0)
+            f1 += max((f1_score(p, g) for g in ex["gold_texts"]), default=0.0)
+    n = max(len(examples), 1)
+    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}
+
+
+def score_main(predictions_path, dev_file):
+    """As the official evaluate-v1.1.py: score a {question id: answer} JSON file, print one JSON line."""
+    predictions = json.loads(Path(predictions_path).read_text(encoding="utf-8"))
+    result = squad_evaluate(load_squad(squad_file(dev_file)), predictions)
+    print(json.dumps(result))
+    return result
+
+
+# ---- models ----------------------------------------------------------------------------------------
+
+def load_model(name):
+    """(model, vocab file, lowercase) from a checkpoint directory or hub name; "tiny" is the small
+    preset's randomly initialised 2-layer BERT over data/sample-vocab.txt."""
+    if name == "tiny":
+        vocab = DATA_DIR / "sample-vocab.txt"
+        n = len(vocab.read_text(encoding="utf-8").splitlines())
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=n, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=256, max_position_embeddings=128)
+        return BertForQuestionAnswering(config), vocab, True
+    d = bert.resolve_checkpoint(name)
+    if (d / "scores.safetensors").exists():
+        raise ValueError(f"{d} is a pruned checkpoint with mask scores: run --stage compact on it first")
+    model = BertForQuestionAnswering.from_pretrained(d)
+    vocab = d / "vocab.txt"
+    if not vocab.exists():
+        raise FileNotFoundError(f"{d}: no vocab.txt beside the weights")
+    tc = d / "tokenizer_config.json"
+    lowercase = json.loads(tc.read_text()).get("do_lower_case", True) if tc.exists() else True
+    if model.config.vocab_size < len(vocab.read_text(encoding="utf-8").splitlines()):
+        raise ValueError(f"{vocab} has more tokens than the model's vocab_size {model.config.vocab_size}")
+    return model, vocab, lowercase
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+def autocast(args):
+    """bf16 (or fp16) autocast on GPU; plain fp32 on CPU."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    return torch.autocast(args.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def batches(features, idx, device, keys=("input_ids", "attention_mask", "token_type_ids")):
+    return [features[k][idx].to(device, non_blocking=True) for k in keys]
+
+
+def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teacher=None, prune=None):
+    """One training stage: plain fine-tuning (no teacher), distillation (a teacher), or pruning
+    (a teacher and a PruneConfig). Returns the model, or the MaskedBert when pruning.
+    The state needed to resume (weights, scores, optimiser, step, RNG) is saved every --save_steps."""
+    device, B, accum = args.device, args.per_device_train_batch_size, args.gradient_accumulation_steps
+    N = len(features["input_ids"])
+    steps_per_epoch = N // (B * accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"--per_device_train_batch_size {B} x --gradient_accumulation_steps {accum} "
+                         f"is larger than the {N} training windows")
+    total = max(1, round(epochs * steps_per_epoch))
+    model.to(device)
+    net = model
+    if prune is not None:  # the schedule in steps: warm-up epochs, cubic ramp, cool-down epochs
+        prune = replace(prune, warmup_steps=round(args.initial_warmup * steps_per_epoch),
+                        ramp_steps=max(1, total - round((args.initial_warmup + args.final_warmup) * steps_per_epoch)))
+        net = bp.MaskedBert(model, prune).to(device)
+        groups = bp.param_groups(net, lr, args.mask_scores_learning_rate, args.weight_decay)
+    else:
+        groups = [{"params": list(model.parameters()), "lr": lr, "weight_decay": args.weight_decay}]
+    opt = torch.optim.AdamW(groups, eps=1e-8)
+    # linear warm-up then linear decay to 0, every group alike
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(1, warmup_steps),
+                                                                 max(0.0, (total - s) / max(1, total - warmup_steps))))
+    scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
+    if teacher is not None:
+        teacher.to(device).eval()
+    step, lambda_scale = 0, 1.0
+    state_path = out_dir / "training_state.pt"
+    if args.resume and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, lambda_scale = state["step"], state["lambda_scale"]
+        torch.set_rng_state(state["rng"])
+        log(f"{stage}: resumed from {state_path} at step {step}")
+
+    def save_state():
+        buf = io.BytesIO()
+        torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "step": step, "lambda_scale": lambda_scale, "rng": torch.get_rng_state()}, buf)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(state_path, buf.getvalue())
+
+    net.train()
+    t0, seen, lam, tau = time.time(), 0, 0.0, 0.0
+    log(f"{stage}: {N} windows, {epochs} epochs, {total} steps of {B * accum}")
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        # the data order is a function of (seed, epoch): a resumed run sees the same batches
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + epoch))
+        if prune is not None:
+            tau = bp.threshold_schedule(step, prune)
+            lam = bp.lambda_schedule(tau, prune) * lambda_scale
+            net.threshold = tau
+        for micro in range(accum):
+            idx = order[(i * accum + micro) * B:(i * accum + micro + 1) * B]
+            ids, mask, types, start_pos, end_pos = batches(
+                features, idx, device, ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions"))
+            with autocast(args):
+                start, end = net(ids, mask, types)
+                if teacher is None:
+                    loss = (F.cross_entropy(start, start_pos) + F.cross_entropy(end, end_pos)) / 2
+                else:
+                    with torch.no_grad():
+                        t_start, t_end = teacher(ids, mask, types)
+                    loss = bp.distillation_loss(start, end, t_start, t_end, start_pos, end_pos, args.temperature,
+                                                args.alpha_distil, args.alpha_ce)
+                if prune is not None and lam > 0:
+                    loss = loss + lam * bp.regularization(net)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step}; the last good state is "
+                                         f"{state_path if state_path.exists() else 'not saved yet'}")
+            scaler.scale(loss / accum).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        seen += B * accum
+        s = None
+        if prune is not None and prune.target_density:
+            s = net.structure()
+            lambda_scale = bp.adapt_lambda(lambda_scale, s["compact_density"], step, prune)
+        if step % args.logging_steps == 0 or step == total:
+            rate = seen / (time.time() - t0)
+            line = (f"{stage} step {step}/{total} | loss {loss.item():.4f} | lr {sched.get_last_lr()[0]:.2e}")
+            if prune is not None:
+                s = s or net.structure()
+                line += (f" | threshold {tau:.4f} lambda {lam:.3g} | density attn {100 * s['attention_density']:.1f}% "
+                         f"ffn {100 * s['ffn_density']:.1f}% compact {100 * s['compact_density']:.1f}% | "
+                         f"heads {sum(s['heads'])}/{sum(net.model.config.num_attention_heads)}")
+            left = (total - step) * B * accum / rate
+            log(f"{line} | {rate:.1f} ex/s | {time.strftime('%H:%M:%S', time.gmtime(left))} left")
+        if args.save_steps and step % args.save_steps == 0:
+            save_state()
+    if args.save_steps:
+        save_state()
+    if prune is not None:
+        net.threshold = prune.final_threshold  # evaluation always uses tau_f
+    return net
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(args, model, features):
+    """Start and end logits for every window, and the seconds spent in the model's forward passes
+    (synchronised on GPU), the paper's way of timing the dev evaluation."""
+    model.to(args.device).eval()
+    starts, ends, seconds = [], [], 0.0
+    N, B = len(features["input_ids"]), args.per_device_eval_batch_size
+    for i in range(0, N, B):
+        ids, mask, types = batches(features, slice(i, i + B), args.device)
+        sync(args.device)
+        t = time.perf_counter()
+        with autocast(args):
+            s, e = model(ids, mask, types)
+        sync(args.device)
+        seconds += time.perf_counter() - t
+        starts.append(s.cpu())
+        ends.append(e.cpu())
+    return torch.cat(starts), torch.cat(ends), seconds
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def evaluate(args, model, examples, features, out_dir, name):
+    """Dev EM/F1 with the official metric; predictions.json and metrics.json into out_dir."""
+    start, end, seconds = predict(args, model, features)
+    predictions = postprocess(examples, features, start, end, args.n_best_size, args.max_answer_length)
+    metrics = {**squad_evaluate(examples, predictions), "eval_seconds": seconds, "windows": len(start)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "predictions.json", json.dumps(predictions).encode())
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    # metrics.json marks the stage as finished: its training state (weights + AdamW, large) is no longer needed
+    (out_dir / "training_state.pt").unlink(missing_ok=True)
+    log(f"{name}: EM {metrics['exact_match']:.2f} F1 {metrics['f1']:.2f} ({seconds:.1f} s in the model)")
+    return metrics
+
+
+# ---- the stages ------------------------------------------------------------------------------------
+# Each stage reads its inputs from checkpoint directories and writes its own, so that any stage can be
+# run alone, and --stage all can skip the stages a killed run had already finished.
+
+def load_checkpoint(path):
+    """(model or MaskedBert, vocab file, lowercase) from one of our stage directories or a hub name."""
+    if path == "tiny":
+        return load_model(path)
+    d = bert.resolve_checkpoint(path)
+    model = bp.load_masked(d) if (d / "scores.safetensors").exists() else load_model(d)[0]
+    tc = d / "tokenizer_config.json"
+    lowercase = json.loads(tc.read_text()).get("do_lower_case", True) if tc.exists() else True
+    return model, d / "vocab.txt", lowercase
+
+
+def save_checkpoint(model, out, vocab, lowercase):
+    if isinstance(model, bp.MaskedBert):
+        bp.save_masked(model, out, vocab)
+    else:
+        model.save_pretrained(out, vocab)
+    atomic_write(out / "tokenizer_config.json", json.dumps({"do_lower_case": lowercase}).encode())
+
+
+def features_for(args, vocab, lowercase, split):
+    path = args.train_file if split == "train" else args.dev_file
+    return cached_features(path, vocab, lowercase, args.max_seq_length, args.doc_stride, split == "train")
+
+
+def stage_finetune(args, model_path, out):
+    model, vocab, lowercase = load_checkpoint(model_path)
+    _, features = features_for(args, vocab, lowercase, "train")
+    steps = args.finetune_epochs * len(features["input_ids"]) // args.per_device_train_batch_size
+    model = train(args, "finetune", model, features, args.finetune_epochs, args.learning_rate,
+                  round(args.warmup_ratio * steps), out)
+    save_checkpoint(model, out, vocab, lowercase)
+    return evaluate(args, model, *features_for(args, vocab, lowercase, "dev"), out, "finetune")
+
+
+def load_teacher(teacher_path, vocab):
+    teacher, t_vocab, _ = load_checkpoint(teacher_path)
+    if Path(t_vocab).read_bytes() != Path(vocab).read_bytes():
+        raise ValueError(f"--teacher {teacher_path}: its vocab {t_vocab} differs from the student's {vocab}")
+    return teacher
+
+
+def stage_prune(args, model_path, teacher_path, out):
+    model, vocab, lowercase = load_checkpoint(model_path)
+    teacher = load_teacher(teacher_path, vocab)
+    _, features = features_for(args, vocab, lowercase, "train")
+    steps_per_epoch = len(features["input_ids"]) // args.per_device_train_batch_size
+    masked = train(args, "prune", model, features, args.num_train_epochs, args.learning_rate,
+                   round(args.initial_warmup * steps_per_epoch), out, teacher=teacher, prune=prune_config(args))
+    save_checkpoint(masked, out, vocab, lowercase)
+    return evaluate(args, masked, *features_for(args, vocab, lowercase, "dev"), out, "prune (masked)")
+
+
+def stage_compact(args, masked_path, out):
+    masked, vocab, lowercase = load_checkpoint(masked_path)
+    if not isinstance(masked, bp.MaskedBert):
+        raise ValueError(f"--model_name_or_path {masked_path}: compaction needs a pruned checkpoint (scores.safetensors)")
+    small = bp.compact(masked)
+    # the compacted model must answer as the masked one: check it on real dev windows
+    _, dev = features_for(args, vocab, lowercase, "dev")
+    few = {k: v[:8] for k, v in dev.items()}
+    fp32 = argparse.Namespace(**{**vars(args), "precision": "fp32"})
+    (a, b, _), (c, d, _) = predict(fp32, masked, few), predict(fp32, small, few)
+    diff = max((a - c).abs().max().item(), (b - d).abs().max().item())
+    save_checkpoint(small, out, vocab, lowercase)
+    r = bp.report(small, masked.model.config)
+    r["max_logit_difference_from_masked"] = diff
+    atomic_write(out / "report.json", json.dumps(r, indent=2).encode())
+    bp.plot_report(r, out / "structure.png")
+    log(bp.format_report(r) + f"\ncompacted vs masked logits: max difference {diff:.2e}")
+    return r
+
+
+def stage_fill(args, compact_path, teacher_path, out):
+    model, vocab, lowercase = load_checkpoint(compact_path)
+    teacher = load_teacher(teacher_path, vocab)
+    bp.fill(model, noise=0.01, generator=torch.Generator().manual_seed(args.seed))
+    _, features = features_for(args, vocab, lowercase, "train")
+    model = train(args, "fill", model, features, args.fill_epochs, args.learning_rate, 10, out, teacher=teacher)
+    save_checkpoint(model, out, vocab, lowercase)
+    return evaluate(args, model, *features_for(args, vocab, lowercase, "dev"), out, "fill")
+
+
+def stage_eval(args, model_path, out):
+    model, vocab, lowercase = load_checkpoint(model_path)
+    return evaluate(args, model, *features_for(args, vocab, lowercase, "dev"), out, "eval")
+
+
+def stage_all(args, out):
+    """METHOD.md's recipe end to end: teacher (fine-tuned here unless --teacher is given), prune with
+    distillation, compact, fill, evaluate; then the speed-up of the final model over the teacher."""
+    def once(name, fn, *a):  # a stage whose metrics.json exists was finished by an earlier run
+        d = out / name
+        if (d / "metrics.json").exists() and args.resume:
+            log(f"{name}: done already ({d}), skipped")
+            return json.loads((d / "metrics.json").read_text())
+        return fn(args, *a, d)
+
+    teacher = args.teacher
+    if not teacher:
+        results = {"teacher": once("teacher", stage_finetune, args.model_name_or_path)}
+        teacher = str(out / "teacher")
+    else:
+        results = {"teacher": once("teacher", stage_eval, teacher)}
+    results["pruned"] = once("pruned", stage_prune, args.model_name_or_path, teacher)
+    results["structure"] = stage_compact(args, out / "pruned", out / "compact")
+    results["filled"] = once("filled", stage_fill, str(out / "compact"), teacher)
+    dense, vocab, lowercase = load_checkpoint(teacher)
+    final = load_checkpoint(str(out / "filled"))[0]
+    _, dev = features_for(args, vocab, lowercase, "dev")
+    t_final, t_dense = predict(args, final, dev)[2], predict(args, dense, dev)[2]
+    results["speedup"] = t_dense / t_final
+    atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
+    s, r = results["filled"], results["structure"]
+    log(f"final: F1 {s['f1']:.2f} EM {s['exact_match']:.2f} (teacher F1 {results['teacher']['f1']:.2f}), "
+        f"heads {r['heads']}/{r['heads_dense']}, linear params {100 * r['linear_density']:.1f} %, "
+        f"speed-up {results['speedup']:.2f}x over the teacher on the dev evaluation ({args.device.type})")
+    return results
+
+
+def prune_config(args):
+    return bp.PruneConfig(block=args.block, mask=args.mask, final_threshold=args.final_threshold,
+                          final_lambda=args.final_lambda, attention_lambda=args.attention_lambda,
+                          ffn_lambda=args.ffn_lambda, target_density=args.target_density)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+# The paper's recipe (METHOD.md) is the default. Presets change the defaults; flags still win.
+PRESETS = {
+    "paper": {},
+    "small": dict(  # offline, about a minute on CPU: a tiny random BERT on the hand-made sample in data/
+        model_name_or_path="tiny", train_file=str(DATA_DIR / "sample-train.json"),
+        dev_file=str(DATA_DIR / "sample-dev.json"), output_dir="runs/small", max_seq_length=128, doc_stride=32,
+        learning_rate=1e-3, finetune_epochs=30, num_train_epochs=30, fill_epochs=10, initial_warmup=2,
+        final_warmup=10, block="16x16", mask_scores_learning_rate=1e-2, final_lambda=20, per_device_eval_batch_size=64,
+        logging_steps=50, save_steps=0),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=PRESETS, default="paper", help="a set of defaults: the paper's recipe, or 'small'")
+    a("--stage", choices=["finetune", "prune", "compact", "fill", "eval", "all"], default="all")
+    a("--score", metavar="PREDICTIONS.json", help="only score a predictions file against --dev_file, print JSON")
+    a("--model_name_or_path", default="bert-base-uncased",
+      help="pretrained checkpoint (finetune, prune, all), pruned one (compact), compacted one (fill), any (eval)")
+    a("--teacher", default="csarron/bert-base-uncased-squad-v1", help="fine-tuned QA model to distil from; "
+      "'' with --stage all fine-tunes one first")
+    a("--train_file", default="train", help="SQuAD v1.1 train JSON, or 'train' to download the official file")
+    a("--dev_file", default="dev", help="SQuAD v1.1 dev JSON, or 'dev' to download the official file")
+    a("--output_dir", default="runs/bert-base-uncased")
+    a("--resume", action="store_true", help="continue from the training state and finished stages in output_dir")
+    a("--max_seq_length", type=int, default=384)
+    a("--doc_stride", type=int, default=128, help="tokens of overlap between the windows of a long context")
+    a("--n_best_size", type=int, default=20)
+    a("--max_answer_length", type=int, default=30)
+    a("--per_device_train_batch_size", type=int, default=16)
+    a("--per_device_eval_batch_size", type=int, default=128)
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--learning_rate", type=float, default=3e-5)
+    a("--mask_scores_learning_rate", type=float, default=1e-2)
+    a("--weight_decay", type=float, default=0.0)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--warmup_ratio", type=float, default=0.1, help="fraction of fine-tuning steps with a rising lr")
+    a("--finetune_epochs", type=float, default=2.0, help="dense fine-tuning of a teacher")
+    a("--num_train_epochs", type=float, default=20.0, help="pruning epochs")
+    a("--fill_epochs", type=float, default=4.0, help="fine-tuning of the compacted model")
+    a("--initial_warmup", type=float, default=1.0, help="epochs at threshold 0 (and of lr warm-up) before pruning")
+    a("--final_warmup", type=float, default=10.0, help="epochs at the final threshold at the end of pruning")
+    a("--block", default="32x32", help="attention blocks: RxC, 'row', 'col' or 'head'")
+    a("--mask", choices=["sigmoid", "topk"], default="sigmoid")
+    a("--final_threshold", type=float, default=0.1)
+    a("--final_lambda", type=float, default=20.0)
+    a("--attention_lambda", type=float, default=1.0)
+    a("--ffn_lambda", type=float, default=0.25)
+    a("--target_density", type=float, default=0.0, help="adapt lambda to keep this fraction of linear params")
+    a("--temperature", type=float, default=2.0)
+    a("--alpha_distil", type=float, default=0.9)
+    a("--alpha_ce", type=float, default=0.1)
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--seed", type=int, default=17)
+    a("--logging_steps", type=int, default=100)
+    a("--save_steps", type=int, default=1000, help="training state every N steps (0: only at the end of a stage)")
+    args, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS[args.preset])
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device.type == "cuda" else "fp32"
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_seq_length", "logging_steps"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.doc_stride < args.max_seq_length // 2:
+        p.error(f"--doc_stride must be in [0, max_seq_length / 2), got {args.doc_stride}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.score:
+        return score_main(args.score, args.dev_file)
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "all":
+        return stage_all(args, out)
+    if args.stage == "finetune":
+        return stage_finetune(args, args.model_name_or_path, out)
+    if args.stage == "prune":
+        return stage_prune(args, args.model_name_or_path, args.teacher, out)
+    if args.stage == "compact":
+        return stage_compact(args, args.model_name_or_path, out)
+    if args.stage == "fill":
+        return stage_fill(args, args.model_name_or_path, args.teacher, out)
+    return stage_eval(args, args.model_name_or_path, out)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, ValueError) as e:  # bad input or no network: one clear line, not a traceback
+        sys.exit(f"error: {e}")
