@@ -332,7 +332,7 @@ def download(url, path, md5=None):
                     h.update(chunk)
                     got += len(chunk)
         except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, IncompleteRead
-            raise OSError(f"could not download {url}: {getattr(e, 'reason', None) or e!r}") from None
+            raise OSError(f"could not download {url}: {getattr(e, 'reason', None) or e}") from None
         if expected >= 0 and got != expected:
             raise OSError(f"download of {url} cut off after {got} of {expected} bytes; nothing saved")
         if md5 is not None and h.hexdigest() != md5:

@@ -120,7 +120,7 @@ class MaskedBert(nn.Module):
     def __init__(self, model, config):
         super().__init__()
         self.model, self.config = model, config
-        self.threshold = 0.0  # set by the training loop from the schedule; compaction uses final_threshold
+        self.threshold = config.final_threshold  # evaluation always uses tau_f; training sets tau(t) each step
         self.block_shapes = {}
         self.scores = nn.ParameterDict()  # the paper initialises the scores at 0
         for i, layer in enumerate(model.layers):

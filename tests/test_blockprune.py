@@ -33,6 +33,7 @@ def test_threshold_zero_prunes_nothing():
     with torch.no_grad():
         for s in masked.scores.values():
             s.normal_(0, 5)  # very negative scores too: sigmoid > 0 still holds
+    masked.threshold = 0.0
     assert all(bool((m == 1).all()) for m in masked.masks(0.0).values())
     torch.testing.assert_close(masked(*inputs()), model(*inputs()), atol=0, rtol=0)
 

@@ -1,0 +1,121 @@
+"""The training script end to end on the small preset (tiny random BERT, hand-made sample in data/)."""
+import json
+
+import pytest
+import torch
+
+import blockprune as bp
+import train_squad as ts
+from bert import BertForQuestionAnswering
+
+
+def run(tmp, *flags):
+    return ts.main(["--preset", "small", "--output_dir", str(tmp), *flags])
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """The whole small preset once: finetune -> prune -> compact -> fill -> eval."""
+    out = tmp_path_factory.mktemp("small")
+    return out, run(out)
+
+
+def test_small_preset_runs_finetune_prune_compact_fill_eval(small_run):
+    out, results = small_run
+    for stage in ("teacher", "pruned", "filled"):
+        metrics = json.loads((out / stage / "metrics.json").read_text())
+        predictions = json.loads((out / stage / "predictions.json").read_text())
+        assert metrics["f1"] == results[stage]["f1"] and set(predictions) == {q["id"] for q in ts.load_squad(
+            ts.DATA_DIR / "sample-dev.json")}
+    assert results["teacher"]["f1"] > 50  # a tiny BERT learns the sample: far above chance
+    assert results["filled"]["f1"] > 35
+    assert json.loads((out / "results.json").read_text())["speedup"] == results["speedup"] > 0
+    r = results["structure"]
+    assert r["max_logit_difference_from_masked"] < 1e-5
+    assert r["linear_density"] < 0.9  # something was pruned
+
+
+def test_report_densities_equal_what_the_weights_hold(small_run):
+    out, results = small_run
+    filled = BertForQuestionAnswering.from_pretrained(out / "filled")
+    held = sum(getattr(layer, n).weight.numel() for layer in filled.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
+    r = results["structure"]
+    assert r["linear_params"] == held
+    assert r["linear_density"] == pytest.approx(held / bp.linear_params(ts.load_model("tiny")[0].config))
+    assert [x["heads"] for x in r["layers"]] == filled.config.num_attention_heads
+    masked = bp.load_masked(out / "pruned")
+    s = masked.structure(masked.config.final_threshold)
+    assert s["heads"] == filled.config.num_attention_heads and s["ffn"] == filled.config.intermediate_size
+
+
+def test_large_lambda_removes_whole_heads_and_ffn_units(small_run, tmp_path):
+    out, _ = small_run
+    run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), "--num_train_epochs", "12",
+        "--initial_warmup", "1", "--final_warmup", "4", "--final_lambda", "400")
+    s = bp.load_masked(tmp_path).structure()
+    assert sum(s["heads"]) < 8 and all(f < 256 for f in s["ffn"])
+
+
+def test_target_density_lands_within_two_points(small_run, tmp_path):
+    out, _ = small_run
+    run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), "--num_train_epochs", "12",
+        "--initial_warmup", "1", "--final_warmup", "4", "--target_density", "0.5")
+    s = bp.load_masked(tmp_path).structure()
+    assert abs(s["compact_density"] - 0.5) <= 0.02
+
+
+def test_teacher_with_another_vocab_is_refused(small_run, tmp_path, shared):
+    with pytest.raises(ValueError, match="differs from the student's"):
+        run(tmp_path, "--stage", "prune", "--teacher", str(shared / "models" / "paraphrase-MiniLM-L3-v2"))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--per_device_train_batch_size", "0", "must be positive"),
+    ("--doc_stride", "100", "--doc_stride must be in"),
+    ("--target_density", "1.5", "--target_density must be in"),
+    ("--final_threshold", "1.2", "--final_threshold must be in"),
+    ("--block", "24x24", "do not divide"),
+])
+def test_invalid_flags_are_refused_with_the_flag_named(small_run, tmp_path, flag, value, message, capsys):
+    out, _ = small_run
+    with pytest.raises((SystemExit, ValueError)) as e:
+        run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), flag, value)
+    assert message in (str(e.value) + capsys.readouterr().err)
+
+
+def test_killed_pruning_run_resumes_as_if_never_stopped(small_run, tmp_path, monkeypatch):
+    flags = ["--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--num_train_epochs", "3",
+             "--initial_warmup", "1", "--final_warmup", "1", "--save_steps", "10"]
+    run(tmp_path / "whole", *flags)
+    regularization, calls = bp.regularization, []
+
+    def crash(masked):  # Ctrl-C in the middle of a step, past a saved state
+        calls.append(1)
+        if len(calls) == 17:
+            raise KeyboardInterrupt
+        return regularization(masked)
+
+    monkeypatch.setattr(bp, "regularization", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", *flags)
+    assert (tmp_path / "killed" / "training_state.pt").exists()
+    monkeypatch.setattr(bp, "regularization", regularization)
+    run(tmp_path / "killed", *flags, "--resume")
+    a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "killed")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_default_recipe_without_network_fails_fast_naming_the_url(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    p = subprocess.run([sys.executable, str(ts.Path(ts.__file__)), "--output_dir", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"127.0.0.1:{port}/csarron/bert-base-uncased-squad-v1/resolve/main/config.json" in p.stderr
+    assert "pass its directory" in p.stderr
