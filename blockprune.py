@@ -40,15 +40,12 @@ class PruneConfig:
     ffn_lambda: float = 0.25  # weight of the FFN masks
     warmup_steps: int = 0  # threshold 0 for these steps (the reference's "initial_warmup")
     ramp_steps: int = 1  # then the cubic rise; the threshold stays at tau_f afterwards ("final_warmup")
-    target_density: float = 0.0  # if > 0: lambda is adapted so that compaction keeps this fraction of linear params
 
     def __post_init__(self):
         if self.mask not in ("sigmoid", "topk"):
             raise ValueError(f"--mask: 'sigmoid' or 'topk', got {self.mask!r}")
         if not 0 <= self.final_threshold < 1:
             raise ValueError(f"--final_threshold must be in [0, 1), got {self.final_threshold}")
-        if not 0 <= self.target_density <= 1:
-            raise ValueError(f"--target_density must be in (0, 1], or 0 for a fixed lambda; got {self.target_density}")
 
 
 # ---- 1. blocks and scores --------------------------------------------------------------------
@@ -205,17 +202,6 @@ def regularization(masked):
     ffn = [torch.sigmoid(s).mean() for k, s in masked.scores.items() if k.endswith("_ffn")]
     c = masked.config
     return (c.attention_lambda * torch.stack(attn).mean() + c.ffn_lambda * torch.stack(ffn).mean()) / 2
-
-
-def adapt_lambda(scale, density, step, config, gain=0.5):
-    """Beyond the paper: with --target_density, steer lambda so that the compact density follows
-    target + (1 - target)(1 - p)^3 (the threshold's own cubic shape) down to the target, instead of
-    guessing lambda_f. A multiplicative controller: lambda is scaled up while the model is denser
-    than wanted and down while it is sparser; `scale` multiplies lambda(t)."""
-    c = config
-    p = min(1.0, max(0.0, step - c.warmup_steps) / max(1, c.ramp_steps))
-    wanted = c.target_density + (1 - c.target_density) * (1 - p) ** 3
-    return min(1e4, max(1e-4, scale * math.exp(gain * (density - wanted))))
 
 
 # ---- 4. distillation ---------------------------------------------------------------------------

@@ -307,7 +307,7 @@ def load_model(name):
         vocab = DATA_DIR / "sample-vocab.txt"
         n = len(vocab.read_text(encoding="utf-8").splitlines())
         torch.manual_seed(0)
-        config = BertConfig(vocab_size=n, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        config = BertConfig(vocab_size=n, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=256, max_position_embeddings=128)
         return BertForQuestionAnswering(config), vocab, True
     d = bert.resolve_checkpoint(name)
@@ -361,24 +361,29 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
     # linear warm-up then linear decay to 0, every group alike
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(1, warmup_steps),
                                                                  max(0.0, (total - s) / max(1, total - warmup_steps))))
-    scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if teacher is not None:
         teacher.to(device).eval()
-    step, lambda_scale = 0, 1.0
+    step = 0
     state_path = out_dir / "training_state.pt"
     if args.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, lambda_scale = state["step"], state["lambda_scale"]
+        scaler.load_state_dict(state["scaler"])
+        step = state["step"]
         torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         log(f"{stage}: resumed from {state_path} at step {step}")
 
     def save_state():
         buf = io.BytesIO()
         torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "step": step, "lambda_scale": lambda_scale, "rng": torch.get_rng_state()}, buf)
+                    "scaler": scaler.state_dict(), "step": step,
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}, buf)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(state_path, buf.getvalue())
 
@@ -391,7 +396,7 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
         order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + epoch))
         if prune is not None:
             tau = bp.threshold_schedule(step, prune)
-            lam = bp.lambda_schedule(tau, prune) * lambda_scale
+            lam = bp.lambda_schedule(tau, prune)
             net.threshold = tau
         for micro in range(accum):
             idx = order[(i * accum + micro) * B:(i * accum + micro + 1) * B]
@@ -420,15 +425,11 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
         opt.zero_grad(set_to_none=True)
         step += 1
         seen += B * accum
-        s = None
-        if prune is not None and prune.target_density:
-            s = net.structure()
-            lambda_scale = bp.adapt_lambda(lambda_scale, s["compact_density"], step, prune)
         if step % args.logging_steps == 0 or step == total:
             rate = seen / (time.time() - t0)
             line = (f"{stage} step {step}/{total} | loss {loss.item():.4f} | lr {sched.get_last_lr()[0]:.2e}")
             if prune is not None:
-                s = s or net.structure()
+                s = net.structure()
                 line += (f" | threshold {tau:.4f} lambda {lam:.3g} | density attn {100 * s['attention_density']:.1f}% "
                          f"ffn {100 * s['ffn_density']:.1f}% compact {100 * s['compact_density']:.1f}% | "
                          f"heads {sum(s['heads'])}/{sum(net.model.config.num_attention_heads)}")
@@ -621,7 +622,7 @@ def stage_all(args, out):
 def prune_config(args):
     return bp.PruneConfig(block=args.block, mask=args.mask, final_threshold=args.final_threshold,
                           final_lambda=args.final_lambda, attention_lambda=args.attention_lambda,
-                          ffn_lambda=args.ffn_lambda, target_density=args.target_density)
+                          ffn_lambda=args.ffn_lambda)
 
 
 # ---- command line ----------------------------------------------------------------------------------
@@ -632,9 +633,9 @@ PRESETS = {
     "small": dict(  # offline, about a minute on CPU: a tiny random BERT on the hand-made sample in data/
         model_name_or_path="tiny", teacher="", train_file=str(DATA_DIR / "sample-train.json"),
         dev_file=str(DATA_DIR / "sample-dev.json"), output_dir="runs/small", max_seq_length=128, doc_stride=32,
-        learning_rate=1e-3, finetune_epochs=30, num_train_epochs=30, fill_epochs=10, initial_warmup=2,
-        final_warmup=10, block="16x16", mask_scores_learning_rate=1e-2, final_lambda=20, per_device_eval_batch_size=64,
-        logging_steps=50, save_steps=0),
+        learning_rate=2e-3, mask_scores_learning_rate=2e-2, finetune_epochs=20, num_train_epochs=20,
+        fill_epochs=5, initial_warmup=2, final_warmup=6, per_device_eval_batch_size=64, logging_steps=50,
+        save_steps=100),
 }
 
 
@@ -676,7 +677,6 @@ def parse_args(argv=None):
     a("--final_lambda", type=float, default=20.0)
     a("--attention_lambda", type=float, default=1.0)
     a("--ffn_lambda", type=float, default=0.25)
-    a("--target_density", type=float, default=0.0, help="adapt lambda to keep this fraction of linear params")
     a("--temperature", type=float, default=2.0)
     a("--alpha_distil", type=float, default=0.9)
     a("--alpha_ce", type=float, default=0.1)

@@ -27,8 +27,8 @@ def test_small_preset_runs_finetune_prune_compact_fill_eval(small_run):
         predictions = json.loads((out / stage / "predictions.json").read_text())
         assert metrics["f1"] == results[stage]["f1"] and set(predictions) == {q["id"] for q in ts.load_squad(
             ts.DATA_DIR / "sample-dev.json")}
-    assert results["teacher"]["f1"] > 50  # a tiny BERT learns the sample: far above chance
-    assert results["filled"]["f1"] > 35
+    assert results["teacher"]["f1"] > 15  # a tiny BERT from scratch learns the sample: well above chance
+    assert results["filled"]["f1"] > 10
     assert json.loads((out / "results.json").read_text())["speedup"] == results["speedup"] > 0
     r = results["structure"]
     assert r["max_logit_difference_from_masked"] < 1e-5
@@ -51,17 +51,9 @@ def test_report_densities_equal_what_the_weights_hold(small_run):
 def test_large_lambda_removes_whole_heads_and_ffn_units(small_run, tmp_path):
     out, _ = small_run
     run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), "--num_train_epochs", "12",
-        "--initial_warmup", "1", "--final_warmup", "4", "--final_lambda", "400")
+        "--initial_warmup", "1", "--final_warmup", "4", "--final_lambda", "100", "--mask_scores_learning_rate", "0.1")
     s = bp.load_masked(tmp_path).structure()
     assert sum(s["heads"]) < 8 and all(f < 256 for f in s["ffn"])
-
-
-def test_target_density_lands_within_two_points(small_run, tmp_path):
-    out, _ = small_run
-    run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), "--num_train_epochs", "12",
-        "--initial_warmup", "1", "--final_warmup", "4", "--target_density", "0.5")
-    s = bp.load_masked(tmp_path).structure()
-    assert abs(s["compact_density"] - 0.5) <= 0.02
 
 
 def test_teacher_with_another_vocab_is_refused(small_run, tmp_path, shared):
@@ -72,7 +64,6 @@ def test_teacher_with_another_vocab_is_refused(small_run, tmp_path, shared):
 @pytest.mark.parametrize("flag, value, message", [
     ("--per_device_train_batch_size", "0", "must be positive"),
     ("--doc_stride", "100", "--doc_stride must be in"),
-    ("--target_density", "1.5", "--target_density must be in"),
     ("--final_threshold", "1.2", "--final_threshold must be in"),
     ("--block", "24x24", "do not divide"),
 ])
@@ -119,3 +110,10 @@ def test_default_recipe_without_network_fails_fast_naming_the_url(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"127.0.0.1:{port}/csarron/bert-base-uncased-squad-v1/resolve/main/config.json" in p.stderr
     assert "pass its directory" in p.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_path_runs(tmp_path, precision):
+    # on GPU these are the defaults (bf16) or a flag (fp16 with a gradient scaler); CPU autocast runs the same code
+    m = run(tmp_path, "--stage", "finetune", "--finetune_epochs", "1", "--precision", precision)
+    assert m["f1"] >= 0 and (tmp_path / "model.safetensors").exists()
