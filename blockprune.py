@@ -118,13 +118,11 @@ class MaskedBert(nn.Module):
         super().__init__()
         self.model, self.config = model, config
         self.threshold = config.final_threshold  # evaluation always uses tau_f; training sets tau(t) each step
-        self.block_shapes = {}
         self.scores = nn.ParameterDict()  # the paper initialises the scores at 0
         for i, layer in enumerate(model.layers):
             for name in ATTENTION:
                 w = getattr(layer, name).weight
                 bh, bw = block_shape(config.block, name, w.shape, layer.head_size)
-                self.block_shapes[f"layer{i}_{name}"] = (bh, bw)
                 self.scores[f"layer{i}_{name}"] = nn.Parameter(torch.zeros(w.shape[0] // bh, w.shape[1] // bw))
             self.scores[f"layer{i}_ffn"] = nn.Parameter(torch.zeros(layer.ffn_in.out_features))
 
@@ -166,7 +164,7 @@ class MaskedBert(nn.Module):
         c = self.model.config
         attn_total = 4 * sum(c.num_attention_heads) * c.attention_head_size * c.hidden_size
         ffn_total = 2 * sum(c.intermediate_size) * c.hidden_size
-        compact = sum(4 * n * c.attention_head_size * c.hidden_size + 2 * f * c.hidden_size for n, f in zip(heads, units))
+        compact = linear_params(replace(c, num_attention_heads=heads, intermediate_size=units))
         return {"heads": heads, "ffn": units, "attention_density": attn / max(1, attn_total),
                 "ffn_density": ffn / max(1, ffn_total), "density": (attn + ffn) / (attn_total + ffn_total),
                 "compact_density": compact / (attn_total + ffn_total)}
