@@ -300,9 +300,10 @@ def score_main(predictions_path, dev_file):
 
 # ---- models ----------------------------------------------------------------------------------------
 
-def load_model(name):
-    """(model, vocab file, lowercase) from a checkpoint directory or hub name; "tiny" is the small
-    preset's randomly initialised 2-layer BERT over data/sample-vocab.txt."""
+def load_checkpoint(name):
+    """(model, vocab file, lowercase) from a checkpoint directory or hub name. A pruned checkpoint
+    (with scores.safetensors) comes back as a MaskedBert. "tiny" is the small preset's randomly
+    initialised 2-layer BERT over data/sample-vocab.txt."""
     if name == "tiny":
         vocab = DATA_DIR / "sample-vocab.txt"
         n = len(vocab.read_text(encoding="utf-8").splitlines())
@@ -311,16 +312,15 @@ def load_model(name):
                             intermediate_size=256, max_position_embeddings=128)
         return BertForQuestionAnswering(config), vocab, True
     d = bert.resolve_checkpoint(name)
-    if (d / "scores.safetensors").exists():
-        raise ValueError(f"{d} is a pruned checkpoint with mask scores: run --stage compact on it first")
-    model = BertForQuestionAnswering.from_pretrained(d)
+    model = bp.load_masked(d) if (d / "scores.safetensors").exists() else BertForQuestionAnswering.from_pretrained(d)
     vocab = d / "vocab.txt"
     if not vocab.exists():
         raise FileNotFoundError(f"{d}: no vocab.txt beside the weights")
+    vocab_size = (model.model if isinstance(model, bp.MaskedBert) else model).config.vocab_size
+    if vocab_size < len(vocab.read_text(encoding="utf-8").splitlines()):
+        raise ValueError(f"{vocab} has more tokens than the model's vocab_size {vocab_size}")
     tc = d / "tokenizer_config.json"
     lowercase = json.loads(tc.read_text()).get("do_lower_case", True) if tc.exists() else True
-    if model.config.vocab_size < len(vocab.read_text(encoding="utf-8").splitlines()):
-        raise ValueError(f"{vocab} has more tokens than the model's vocab_size {model.config.vocab_size}")
     return model, vocab, lowercase
 
 
@@ -494,17 +494,6 @@ def evaluate(args, model, examples, features, out_dir, name):
 # ---- the stages ------------------------------------------------------------------------------------
 # Each stage reads its inputs from checkpoint directories and writes its own, so that any stage can be
 # run alone, and --stage all can skip the stages a killed run had already finished.
-
-def load_checkpoint(path):
-    """(model or MaskedBert, vocab file, lowercase) from one of our stage directories or a hub name."""
-    if path == "tiny":
-        return load_model(path)
-    d = bert.resolve_checkpoint(path)
-    model = bp.load_masked(d) if (d / "scores.safetensors").exists() else load_model(d)[0]
-    tc = d / "tokenizer_config.json"
-    lowercase = json.loads(tc.read_text()).get("do_lower_case", True) if tc.exists() else True
-    return model, d / "vocab.txt", lowercase
-
 
 def save_checkpoint(model, out, vocab, lowercase):
     if isinstance(model, bp.MaskedBert):

@@ -41,7 +41,7 @@ def test_report_densities_equal_what_the_weights_hold(small_run):
     held = sum(getattr(layer, n).weight.numel() for layer in filled.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
     r = results["structure"]
     assert r["linear_params"] == held
-    assert r["linear_density"] == pytest.approx(held / bp.linear_params(ts.load_model("tiny")[0].config))
+    assert r["linear_density"] == pytest.approx(held / bp.linear_params(ts.load_checkpoint("tiny")[0].config))
     assert [x["heads"] for x in r["layers"]] == filled.config.num_attention_heads
     masked = bp.load_masked(out / "pruned")
     s = masked.structure(masked.config.final_threshold)
