@@ -40,12 +40,18 @@ class PruneConfig:
     ffn_lambda: float = 0.25  # weight of the FFN masks
     warmup_steps: int = 0  # threshold 0 for these steps (the reference's "initial_warmup")
     ramp_steps: int = 1  # then the cubic rise; the threshold stays at tau_f afterwards ("final_warmup")
+    target_density: float | None = None  # instead of tau_f: the threshold that keeps this density of linear params
 
     def __post_init__(self):
         if self.mask not in ("sigmoid", "topk"):
             raise ValueError(f"--mask: 'sigmoid' or 'topk', got {self.mask!r}")
         if not 0 <= self.final_threshold < 1:
             raise ValueError(f"--final_threshold must be in [0, 1), got {self.final_threshold}")
+        if self.target_density is not None:
+            if not 0 < self.target_density <= 1:
+                raise ValueError(f"--target_density must be in (0, 1], got {self.target_density}")
+            if self.mask != "sigmoid":
+                raise ValueError("--target_density needs --mask sigmoid")
 
 
 # ---- 1. blocks and scores --------------------------------------------------------------------
@@ -179,18 +185,69 @@ def linear_params(config):
 
 # ---- 3. schedule and regulariser ---------------------------------------------------------------
 
-def threshold_schedule(step, config):
-    """tau(t): 0 during warm-up, then tau_f + (0 - tau_f) (1 - p)^3 over the ramp, then tau_f
-    (the cubic schedule of Zhu & Gupta 2018, as used by the paper)."""
+def ramp(step, config):
+    """0 during warm-up, then 1 - (1 - p)^3 over the ramp (p: the fraction of it done), then 1: the
+    cubic schedule of Zhu & Gupta 2018, as used by the paper. Threshold, lambda and (with
+    target_density) the density all follow it."""
     if step < config.warmup_steps:
         return 0.0
     p = min(1.0, (step - config.warmup_steps) / max(1, config.ramp_steps))
-    return config.final_threshold * (1 - (1 - p) ** 3)
+    return 1 - (1 - p) ** 3
 
 
-def lambda_schedule(threshold, config):
+def threshold_schedule(step, config):
+    """tau(t) = tau_f * ramp(t): from 0 (nothing pruned) to tau_f."""
+    return config.final_threshold * ramp(step, config)
+
+
+def lambda_schedule(step, config):
     """lambda(t) = lambda_f * tau(t) / tau_f: the regulariser grows with the threshold."""
-    return config.final_lambda * threshold / config.final_threshold if config.final_threshold else 0.0
+    return config.final_lambda * ramp(step, config)
+
+
+def density_schedule(step, config):
+    """With target_density: the density of linear parameters to keep at a step, from 1 down to the target."""
+    return 1 - (1 - config.target_density) * ramp(step, config)
+
+
+@torch.no_grad()
+def death_thresholds(masked):
+    """(thresholds, sizes): for every head and FFN unit, the threshold above which it is pruned and
+    the linear parameters it holds. A head lives while each of its Q, K, V and output matrices keeps
+    a block, i.e. while tau is below the smallest of the four matrices' best sigmoid(score) in it."""
+    ts, ns = [], []
+    for i, layer in enumerate(masked.model.layers):
+        hidden, u = layer.ffn_in.in_features, torch.sigmoid(masked.scores[f"layer{i}_ffn"].float())
+        if layer.heads:
+            h, rows = torch.ones(layer.heads, device=u.device), layer.heads * layer.head_size
+            for name in ATTENTION:
+                s = torch.sigmoid(masked.scores[f"layer{i}_{name}"].float())
+                s = s.t() if name == "attn_out" else s  # a head is a band of columns of the output matrix
+                h = torch.minimum(h, s.repeat_interleave(rows // s.shape[0], 0).reshape(layer.heads, -1).amax(1))
+            ts.append(h), ns.append(torch.full_like(h, 4 * layer.head_size * hidden))
+        ts.append(u), ns.append(torch.full_like(u, 2 * hidden))
+    return torch.cat(ts), torch.cat(ns)
+
+
+def threshold_for_density(masked, density):
+    """The lowest threshold at which the compacted model keeps at most `density` of the linear
+    parameters: heads and units go in the order of their death thresholds (a weighted quantile)."""
+    t, n = death_thresholds(masked)
+    order = t.argsort(descending=True)
+    t, n = t[order], n[order]
+    over = (n.cumsum(0) > density * n.sum()).nonzero()  # the first that does not fit, and all after it, go
+    return t[over[0, 0]].item() if len(over) else 0.0
+
+
+def schedule(step, masked):
+    """(threshold, lambda) at a training step. With target_density the threshold is not tau_f * ramp
+    but the one that keeps the scheduled density, whatever the scores have learnt: lambda then only
+    shapes which blocks win, never how many, and needs no tuning."""
+    c = masked.config
+    tau = threshold_schedule(step, c)
+    if c.target_density is not None:
+        tau = threshold_for_density(masked, density_schedule(step, c))
+    return tau, lambda_schedule(step, c)
 
 
 def regularization(masked):

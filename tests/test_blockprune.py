@@ -1,4 +1,6 @@
 import math
+from dataclasses import replace
+
 
 import pytest
 import torch
@@ -82,8 +84,11 @@ def test_schedule_warmup_ramp_and_cooldown():
     assert bp.threshold_schedule(60, c) == pytest.approx(0.1 * (1 - 0.5 ** 3))
     assert bp.threshold_schedule(110, c) == pytest.approx(0.1)
     assert bp.threshold_schedule(500, c) == pytest.approx(0.1)
-    assert bp.lambda_schedule(bp.threshold_schedule(60, c), c) == pytest.approx(20 * (1 - 0.5 ** 3))
-    assert bp.lambda_schedule(0.1, c) == pytest.approx(20)
+    assert bp.lambda_schedule(60, c) == pytest.approx(20 * (1 - 0.5 ** 3))
+    assert bp.lambda_schedule(0, c) == 0 and bp.lambda_schedule(110, c) == pytest.approx(20)
+    c = replace(c, target_density=0.3)
+    assert bp.density_schedule(10, c) == 1 and bp.density_schedule(110, c) == pytest.approx(0.3)
+    assert bp.density_schedule(60, c) == pytest.approx(1 - 0.7 * (1 - 0.5 ** 3))
 
 
 def test_regularizer_weights_attention_and_ffn():
@@ -167,3 +172,17 @@ def test_fill_replaces_only_zeros_with_small_noise():
     bp.fill(model, noise=0.01, generator=torch.Generator().manual_seed(0))
     assert torch.equal(w[8:], before[8:])
     assert (w[:8] != 0).all() and w[:8].abs().max() < 0.01 * before.std() * 6
+
+
+@pytest.mark.parametrize("block", ["16x8", "head", "row"])
+def test_threshold_for_density_keeps_the_most_that_fits(block):
+    masked = bp.MaskedBert(tiny(), bp.PruneConfig(block=block))
+    with torch.no_grad():
+        for s in masked.scores.values():
+            s.normal_(0, 2)
+    # oracle: the compact density of the masks themselves at every candidate threshold
+    candidates = sorted(set(bp.death_thresholds(masked)[0].tolist()) | {0.0})
+    densities = [masked.structure(t)["compact_density"] for t in candidates]
+    for d in (1.0, 0.7, 0.4, 0.1, 0.001):
+        got = masked.structure(bp.threshold_for_density(masked, d))["compact_density"]
+        assert got == max(x for x in densities if x <= d + 1e-12)

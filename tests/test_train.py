@@ -117,3 +117,11 @@ def test_mixed_precision_training_path_runs(tmp_path, precision):
     # on GPU these are the defaults (bf16) or a flag (fp16 with a gradient scaler); CPU autocast runs the same code
     m = run(tmp_path, "--stage", "finetune", "--finetune_epochs", "1", "--precision", precision)
     assert m["f1"] >= 0 and (tmp_path / "model.safetensors").exists()
+
+
+def test_target_density_lands_within_two_points(small_run, tmp_path):
+    out, _ = small_run
+    run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), "--target_density", "0.4")
+    masked = bp.load_masked(tmp_path)  # evaluated, saved and loaded at the threshold found for the target
+    assert masked.structure()["compact_density"] == pytest.approx(0.4, abs=0.02)
+    assert bp.report(bp.compact(masked), masked.model.config)["linear_density"] == pytest.approx(0.4, abs=0.02)
