@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 
 import bert
+from bench import transformers_twin
 from bert import BertConfig, BertForQuestionAnswering
 
 transformers = pytest.importorskip("transformers")
@@ -22,24 +22,6 @@ def random_weights(model):
         for p in model.parameters():
             p.normal_(0, 0.2) if p.dim() < 2 else p.normal_(0, 0.05)
     return model.eval()
-
-
-def hf_twin(model):
-    """transformers' BertForQuestionAnswering with our weights; narrower Linears where a layer has fewer
-    heads or a narrower FFN (transformers 5.x takes the head count from the Linear's width)."""
-    c = model.config
-    hf = transformers.BertForQuestionAnswering(transformers.BertConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.hidden_size // c.attention_head_size, intermediate_size=max(c.intermediate_size),
-        max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps))
-    for layer, heads, ffn in zip(hf.bert.encoder.layer, c.num_attention_heads, c.intermediate_size):
-        d, h = heads * c.attention_head_size, c.hidden_size
-        att = layer.attention
-        att.self.query, att.self.key, att.self.value = nn.Linear(h, d), nn.Linear(h, d), nn.Linear(h, d)
-        att.output.dense = nn.Linear(d, h)
-        layer.intermediate.dense, layer.output.dense = nn.Linear(h, ffn), nn.Linear(ffn, h)
-    hf.load_state_dict({bert.to_hf_name(k): v for k, v in model.state_dict().items()})
-    return hf.eval()
 
 
 def batch(vocab_size, B=3, T=24):
@@ -64,13 +46,13 @@ def assert_same_logits(ours, hf, vocab_size):
 
 def test_logits_match_transformers_random_config():
     model = random_weights(BertForQuestionAnswering(tiny_config()))
-    assert_same_logits(model, hf_twin(model), 99)
+    assert_same_logits(model, transformers_twin(model), 99)
 
 
 def test_logits_match_pruned_transformers_with_uneven_layers():
     model = random_weights(BertForQuestionAnswering(tiny_config(
         num_attention_heads=[4, 1, 2], intermediate_size=[80, 7, 33], attention_head_size=12)))
-    assert_same_logits(model, hf_twin(model), 99)
+    assert_same_logits(model, transformers_twin(model), 99)
 
 
 @pytest.mark.parametrize("name", ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"])

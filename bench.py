@@ -1,0 +1,337 @@
+"""
+Speed and memory of block-pruned BERT, measured: dense BERT-base against BERT-base cut to the
+structure of the paper's released "d26" model (METHOD.md), our BERT against transformers', and a
+pruning training step against a dense one.
+
+    python bench.py                   # everything this machine can run (CPU, and GPU if there is one)
+    python bench.py --quick           # about a minute on 2 CPU cores: shorter sequences, fewer repeats
+    python bench.py --json bench.json # also save the rows
+
+Random weights: speed does not depend on them. Variants of a measurement take turns in one loop, so a
+slow moment of the machine hits them all; each figure is the median of the repeats after warm-up.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bert
+import blockprune as bp
+from bert import BertConfig, BertForQuestionAnswering
+
+BASE = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  intermediate_size=3072)
+# the released x2.44-f87.7-d26 model (METHOD.md): heads and FFN width kept in layers 0..11
+D26 = replace(BASE, num_attention_heads=[4, 4, 6, 7, 7, 5, 6, 7, 5, 5, 5, 3], attention_head_size=64,
+              intermediate_size=[552, 717, 795, 789, 833, 792, 620, 466, 283, 112, 96, 238])
+REFERENCE_SPEEDUP = 2.44  # what the paper's implementation measured for d26 on an RTX 3090
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def encoder_flops(config, T):
+    """FLOPs (2 x multiply-adds) of the encoder for one sequence of T tokens: Q, K, V and output
+    projections, QK^T and attention x V, FFN in and out."""
+    h, hs = config.hidden_size, config.attention_head_size
+    return sum(2 * T * 4 * n * hs * h + 2 * 2 * T * T * n * hs + 2 * T * 2 * f * h
+               for n, f in zip(config.num_attention_heads, config.intermediate_size))
+
+
+def transformers_twin(model):
+    """transformers' BertForQuestionAnswering holding our model's weights, SDPA attention; narrower
+    Linears where a layer has fewer heads or a narrower FFN (transformers 5 takes the head count from
+    the Linear's width). None when transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    c = model.config
+    hf = transformers.BertForQuestionAnswering(transformers.BertConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.hidden_size // c.attention_head_size, intermediate_size=max(c.intermediate_size),
+        max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
+        attn_implementation="sdpa"))
+    for layer, heads, ffn in zip(hf.bert.encoder.layer, c.num_attention_heads, c.intermediate_size):
+        d, h = heads * c.attention_head_size, c.hidden_size
+        att = layer.attention
+        att.self.query, att.self.key, att.self.value = nn.Linear(h, d), nn.Linear(h, d), nn.Linear(h, d)
+        att.output.dense = nn.Linear(d, h)
+        layer.intermediate.dense, layer.output.dense = nn.Linear(h, ffn), nn.Linear(ffn, h)
+    hf.load_state_dict({bert.to_hf_name(k): v for k, v in model.state_dict().items()})
+    return hf.eval().to(next(model.parameters()).device)
+
+
+def ours(model):  # both models called the same way: (ids, mask, types) -> (start, end)
+    return model
+
+
+def theirs(hf):
+    def call(ids, mask, types):
+        out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        return out.start_logits, out.end_logits
+    return call
+
+
+def timeit(fns, reps, warmup, device):
+    """{name: median seconds}, the functions taking turns."""
+    times = {name: [] for name in fns}
+    for r in range(warmup + reps):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def inputs(B, T, device, vocab_size=30522):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (B, T), generator=g)
+    types = (torch.arange(T) >= T // 4).long().expand(B, T)  # a question, then its context
+    return ids.to(device), torch.ones(B, T, dtype=torch.long, device=device), types.contiguous().to(device)
+
+
+def build(config, device):
+    torch.manual_seed(0)
+    return BertForQuestionAnswering(replace(config, max_position_embeddings=512)).to(device).eval()
+
+
+# ---- 1 and 2: inference ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def bench_inference(device, dtype, B, T, reps, warmup):
+    dense, d26 = build(BASE, device), build(D26, device)
+    fns = {"ours dense": ours(dense), "ours d26": ours(d26)}
+    hf_dense, hf_d26 = transformers_twin(dense), transformers_twin(d26)
+    if hf_dense is not None:
+        fns.update({"transformers dense": theirs(hf_dense), "transformers d26": theirs(hf_d26)})
+    x = inputs(B, T, device)
+
+    def run(f):
+        def go():
+            with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+                f(*x)
+        return go
+    t = timeit({k: run(f) for k, f in fns.items()}, reps, warmup, device)
+    row = {"what": "inference", "device": device.type, "dtype": dtype, "batch": B, "seq": T, "seconds": t,
+           "d26 speed-up": t["ours dense"] / t["ours d26"],
+           "flop bound": encoder_flops(BASE, T) / encoder_flops(D26, T)}
+    if hf_dense is not None:
+        row["ours over transformers, dense"] = t["transformers dense"] / t["ours dense"]
+        row["ours over transformers, d26"] = t["transformers d26"] / t["ours d26"]
+    return row
+
+
+# ---- 3: a training step ---------------------------------------------------------------------------
+
+STEPS = ("ours dense", "transformers dense", "ours d26", "transformers d26", "ours prune", "ours prune + teacher")
+
+
+def training_step(variant, device, dtype, B, T):
+    """One training step (forward, backward, AdamW) of a variant, as a function; None for transformers'
+    when it is not installed. Fine-tuning (dense or d26, ours or transformers') takes the usual
+    start/end cross-entropy; pruning (masks, regulariser, distillation) takes the teacher's logits,
+    given or computed by a teacher forward in the step."""
+    x = inputs(B, T, device)
+    pos = torch.randint(0, T, (2, B), generator=torch.Generator().manual_seed(1)).to(device)
+    model = build(D26 if "d26" in variant else BASE, device).train()
+    if "prune" in variant:
+        teacher = build(BASE, device)
+        with torch.no_grad():
+            t_logits = teacher(*x)
+        if "teacher" not in variant:
+            del teacher
+        masked = bp.MaskedBert(model, bp.PruneConfig()).train()
+        masked.threshold = 0.05  # some blocks pruned, as in the middle of the ramp
+        with torch.no_grad():
+            for s in masked.scores.values():
+                s.normal_(0, 2)
+        f, params = masked, bp.param_groups(masked, 1e-5, 1e-2)
+
+        def loss_fn(s, e):
+            if "teacher" in variant:
+                with torch.no_grad():
+                    ts, te = teacher(*x)
+            else:
+                ts, te = t_logits
+            return bp.distillation_loss(s, e, ts, te, pos[0], pos[1]) + 10 * bp.regularization(masked)
+    else:
+        if variant.startswith("transformers"):
+            model = transformers_twin(model)
+            if model is None:
+                return None
+            model.train()
+        f, params = (theirs(model) if variant.startswith("transformers") else ours(model)), model.parameters()
+
+        def loss_fn(s, e):
+            return (F.cross_entropy(s, pos[0]) + F.cross_entropy(e, pos[1])) / 2
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+            loss = loss_fn(*f(*x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_training(device, dtype, B, T, reps, warmup):
+    fns = {v: training_step(v, device, dtype, B, T) for v in STEPS}
+    t = timeit({k: f for k, f in fns.items() if f is not None}, reps, warmup, device)
+    del fns
+    row = {"what": "training step", "device": device.type, "dtype": dtype, "batch": B, "seq": T, "seconds": t,
+           "prune over dense": t["ours prune"] / t["ours dense"]}
+    if "transformers dense" in t:
+        row["ours over transformers, dense"] = t["transformers dense"] / t["ours dense"]
+        row["ours over transformers, d26"] = t["transformers d26"] / t["ours d26"]
+    row["peak memory MB"] = {v: peak_memory(device, dtype, B, T, v) for v in ("ours dense", "ours prune")}
+    row["prune over dense, memory"] = row["peak memory MB"]["ours prune"] / row["peak memory MB"]["ours dense"]
+    return row
+
+
+def peak_memory(device, dtype, B, T, variant):
+    """Peak memory of two training steps of one variant, in MB: CUDA's allocator statistics on GPU;
+    on CPU the peak resident memory of a fresh process that runs only this variant (Linux)."""
+    if device.type == "cpu":
+        out = subprocess.run([sys.executable, __file__, "--memory_of", variant, "--batch", str(B), "--seq", str(T)],
+                             capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn = training_step(variant, device, dtype, B, T)
+    fn(), fn()
+    del fn
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+# ---- 4: the whole dev evaluation ------------------------------------------------------------------
+
+def bench_dev_evaluation(device, dtype, dev_file, vocab, windows, reps):
+    """Features to predictions over the dev windows, padded batches of 128 as the paper measured; the
+    model's forward time (train_squad.predict) and the wall time of the whole evaluation."""
+    import train_squad as ts
+    examples, features = ts.cached_features(dev_file, vocab, True, 384, 128, False)
+    if windows:
+        features = {k: v[:windows] for k, v in features.items()}
+        examples = examples[:int(features["example_index"].max()) + 1]
+    args = argparse.Namespace(device=device, precision=dtype, per_device_eval_batch_size=128)
+    models = {"dense": build(BASE, device), "d26": build(D26, device)}
+    forward, wall = {k: [] for k in models}, {k: [] for k in models}
+    for _ in range(reps):
+        for name, model in models.items():
+            t = time.perf_counter()
+            start, end, seconds = ts.predict(args, model, features, trim=False)
+            ts.postprocess(examples, features, start, end)
+            forward[name].append(seconds)
+            wall[name].append(time.perf_counter() - t)
+    fwd, wall = {k: min(v) for k, v in forward.items()}, {k: min(v) for k, v in wall.items()}
+    return {"what": "dev evaluation", "device": device.type, "dtype": dtype, "batch": 128, "seq": 384,
+            "windows": len(features["input_ids"]), "seconds": fwd, "wall seconds": wall,
+            "d26 speed-up": fwd["dense"] / fwd["d26"], "d26 speed-up, wall": wall["dense"] / wall["d26"]}
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+TARGETS = [  # (what, device, key, at least / at most, value): issue 4's targets
+    ("inference", "cpu", "d26 speed-up", ">=", 3.4, 8),
+    ("inference", "cuda", "d26 speed-up", ">=", 3.0, 128),
+    ("inference", None, "ours over transformers, dense", ">=", 1.0, None),
+    ("inference", None, "ours over transformers, d26", ">=", 1.0, None),
+    ("training step", None, "ours over transformers, dense", ">=", 1.0, None),
+    ("training step", None, "ours over transformers, d26", ">=", 1.0, None),
+    ("training step", None, "prune over dense", "<=", 1.15, None),
+    ("training step", None, "prune over dense, memory", "<=", 1.2, None),
+]
+
+
+def verdicts(rows):
+    out = []
+    for what, device, key, op, value, batch in TARGETS:
+        for r in rows:
+            if r["what"] == what and key in r and device in (None, r["device"]) and batch in (None, r["batch"]):
+                met = r[key] >= value if op == ">=" else r[key] <= value
+                out.append(f"{'met   ' if met else 'MISSED'} {what} {r['device']} {r['dtype']} batch {r['batch']}: "
+                           f"{key} {r[key]:.2f} (target {op} {value})")
+    return out
+
+
+def show(row):
+    head = f"{row['what']}: {row['device']} {row['dtype']}, batch {row['batch']}, length {row['seq']}"
+    lines = [head] + [f"  {k:<22} {1000 * v:10.1f} ms" for k, v in row["seconds"].items()]
+    lines += [f"  {k}: {v:.2f}" + ("x" if "memory" not in k else "") for k, v in row.items() if isinstance(v, float)]
+    if "peak memory MB" in row:
+        lines += [f"  peak memory, {k}: {v:.0f} MB" for k, v in row["peak memory MB"].items()]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="length 128, fewer repeats and windows: about a minute on CPU")
+    p.add_argument("--json", metavar="PATH", help="save the rows as JSON")
+    p.add_argument("--dev_file", default=str(Path(os.environ.get("BLOCKPRUNE_SHARED", Path(__file__).resolve().parent.parent / "shared")) / "squad/dev-v1.1.json"))
+    p.add_argument("--vocab", help="vocab.txt of bert-base-uncased (default: the one beside --dev_file's shared models)")
+    p.add_argument("--eval_windows", type=int, help="dev windows to evaluate (default: all on GPU, 256 on CPU)")
+    p.add_argument("--memory_of", help=argparse.SUPPRESS)  # the child process of peak_memory on CPU
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_of:
+        fn = training_step(args.memory_of, torch.device("cpu"), "fp32", args.batch, args.seq)
+        fn(), fn()
+        # VmHWM: this process's peak resident memory (ru_maxrss would count the parent's, inherited at fork)
+        return print(int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) / 1024)
+    T = 128 if args.quick else 384
+    reps, warmup = (2, 1) if args.quick else (5, 1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"), flush=True)
+    print(f"FLOP bound of d26 at length 384: {encoder_flops(BASE, 384) / encoder_flops(D26, 384):.2f}x "
+          f"({encoder_flops(D26, 384) / 1e9:.1f} of {encoder_flops(BASE, 384) / 1e9:.1f} GFLOP); "
+          f"the reference implementation measured {REFERENCE_SPEEDUP}x", flush=True)
+    rows = []
+    cpu = torch.device("cpu")
+    for B in (1, 8):
+        rows.append(bench_inference(cpu, "fp32", B, T, reps, warmup))
+        show(rows[-1])
+    rows.append(bench_training(cpu, "fp32", 2 if args.quick else 8, T, reps, warmup))
+    show(rows[-1])
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        for dtype in ("bf16", "fp16"):
+            rows.append(bench_inference(gpu, dtype, 128, T, reps, warmup))
+            show(rows[-1])
+        rows.append(bench_training(gpu, "bf16", 16, T, reps, warmup))
+        show(rows[-1])
+    vocab = Path(args.vocab) if args.vocab else Path(args.dev_file).parent.parent / "models/all-MiniLM-L6-v2/vocab.txt"
+    if Path(args.dev_file).exists() and vocab.exists():
+        for device in [cpu] + ([torch.device("cuda")] if torch.cuda.is_available() else []):
+            windows = args.eval_windows or (0 if device.type == "cuda" else 32 if args.quick else 256)
+            rows.append(bench_dev_evaluation(device, "fp32" if device.type == "cpu" else "fp16", args.dev_file,
+                                             vocab, windows, 1 if args.quick else 2))
+            show(rows[-1])
+    else:
+        print(f"dev evaluation skipped: no {args.dev_file} or {vocab} (--dev_file, --vocab)")
+    print("\n".join(["targets:"] + verdicts(rows)))
+    if args.json:
+        bert.atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
+    return rows
+
+
+if __name__ == "__main__":
+    main()
