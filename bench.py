@@ -82,10 +82,11 @@ def theirs(hf):
 
 
 def timeit(fns, reps, warmup, device):
-    """{name: median seconds}, the functions taking turns."""
+    """{name: median seconds}, the functions taking turns, in reverse order every other round (the
+    first of a round runs on a cooler cache and a different turbo state)."""
     times = {name: [] for name in fns}
     for r in range(warmup + reps):
-        for name, fn in fns.items():
+        for name, fn in list(fns.items())[::1 if r % 2 else -1]:
             sync(device)
             t = time.perf_counter()
             fn()
@@ -309,7 +310,7 @@ def main(argv=None):
     for B in (1, 8):
         rows.append(bench_inference(cpu, "fp32", B, T, reps, warmup))
         show(rows[-1])
-    rows.append(bench_training(cpu, "fp32", 2 if args.quick else 8, T, reps, warmup))
+    rows.append(bench_training(cpu, "fp32", 2 if args.quick else 8, T, min(reps, 3), warmup))
     show(rows[-1])
     if torch.cuda.is_available():
         gpu = torch.device("cuda")

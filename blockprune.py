@@ -230,13 +230,16 @@ def death_thresholds(masked):
 
 
 def threshold_for_density(masked, density):
-    """The lowest threshold at which the compacted model keeps at most `density` of the linear
-    parameters: heads and units go in the order of their death thresholds (a weighted quantile)."""
+    """The threshold at which the compacted model keeps the density of linear parameters closest to
+    `density`: heads and units live in the order of their death thresholds (a weighted quantile),
+    so it is off by at most half a head's or unit's parameters (of heads sharing a block, when blocks span heads)."""
     t, n = death_thresholds(masked)
     order = t.argsort(descending=True)
     t, n = t[order], n[order]
-    over = (n.cumsum(0) > density * n.sum()).nonzero()  # the first that does not fit, and all after it, go
-    return t[over[0, 0]].item() if len(over) else 0.0
+    kept = torch.cat([n.new_zeros(1), n.cumsum(0)]) / n.sum()  # kept[j]: the density when the top j live
+    tau = torch.cat([t, t.new_zeros(1)])  # ... which sigmoid(score) > tau[j] gives, unless t[j] ties t[j - 1]
+    possible = torch.cat([t.new_ones(1, dtype=torch.bool), t[1:] < t[:-1], t.new_ones(1, dtype=torch.bool)])
+    return tau[(kept - density).abs().masked_fill(~possible, float("inf")).argmin()].item()
 
 
 def schedule(step, masked):

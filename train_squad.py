@@ -308,7 +308,7 @@ def load_checkpoint(name):
         vocab = DATA_DIR / "sample-vocab.txt"
         n = len(vocab.read_text(encoding="utf-8").splitlines())
         torch.manual_seed(0)
-        config = BertConfig(vocab_size=n, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+        config = BertConfig(vocab_size=n, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
                             intermediate_size=256, max_position_embeddings=128)
         return BertForQuestionAnswering(config), vocab, True
     d = bert.resolve_checkpoint(name)
@@ -585,43 +585,59 @@ def stage_eval(args, model_path, out):
 
 def stage_all(args, out):
     """METHOD.md's recipe end to end: teacher (fine-tuned here unless --teacher is given), prune with
-    distillation, compact, fill, evaluate; then the speed-up of the final model over the teacher."""
-    def once(name, fn, *a):  # a stage whose metrics.json exists was finished by an earlier run
-        d = out / name
-        if (d / "metrics.json").exists() and args.resume:
-            log(f"{name}: done already ({d}), skipped")
-            return json.loads((d / "metrics.json").read_text())
-        return fn(args, *a, d)
-
+    distillation, compact, fill, evaluate; then the speed-up of the final model over the teacher.
+    Several --target_density values prune the same start once per density, into output_dir/d<D>."""
     teacher = args.teacher
     if not teacher:
-        results = {"teacher": once("teacher", stage_finetune, args.model_name_or_path)}
+        teacher_metrics = once(args, out / "teacher", stage_finetune, args.model_name_or_path)
         teacher = str(out / "teacher")
     else:
-        results = {"teacher": once("teacher", stage_eval, teacher)}
-    results["pruned"] = once("pruned", stage_prune, args.model_name_or_path, teacher)
+        teacher_metrics = once(args, out / "teacher", stage_eval, teacher)
+    densities = args.target_density or [None]
+    runs = {}
+    for d in densities:
+        sub = out if len(densities) == 1 else out / f"d{100 * d:g}"
+        runs[sub.name] = prune_compact_fill(argparse.Namespace(**{**vars(args), "target_density": d and [d]}), sub,
+                                            teacher, teacher_metrics)
+    return runs[out.name] if len(densities) == 1 else runs
+
+
+def once(args, d, fn, *a):
+    """Run a stage into d, unless --resume and its metrics.json says an earlier run finished it."""
+    if (d / "metrics.json").exists() and args.resume:
+        log(f"{d}: done already, skipped")
+        return json.loads((d / "metrics.json").read_text())
+    return fn(args, *a, d)
+
+
+def prune_compact_fill(args, out, teacher, teacher_metrics):
+    results = {"teacher": teacher_metrics}
+    results["pruned"] = once(args, out / "pruned", stage_prune, args.model_name_or_path, teacher)
     results["structure"] = stage_compact(args, out / "pruned", out / "compact")
-    results["filled"] = once("filled", stage_fill, str(out / "compact"), teacher)
+    results["filled"] = once(args, out / "filled", stage_fill, str(out / "compact"), teacher)
     dense, vocab, lowercase = load_checkpoint(teacher)
     final = load_checkpoint(str(out / "filled"))[0]
     _, dev = features_for(args, vocab, lowercase, "dev")
-    # the two models take turns over the same dev windows; the fastest of 3 rounds each (machines are noisy)
+    if args.speed_windows:
+        dev = {k: v[:args.speed_windows] for k, v in dev.items()}
+    # the two models take turns over the same padded dev windows; the fastest of 3 rounds each (machines are noisy)
     t_dense, t_final = (min(ts) for ts in zip(*[(predict(args, dense, dev, trim=False)[2],
                                                  predict(args, final, dev, trim=False)[2])
                                                 for _ in range(3)]))
     results["speedup"] = t_dense / t_final
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     s, r = results["filled"], results["structure"]
-    log(f"final: F1 {s['f1']:.2f} EM {s['exact_match']:.2f} (teacher F1 {results['teacher']['f1']:.2f}), "
+    log(f"final ({out}): F1 {s['f1']:.2f} EM {s['exact_match']:.2f} (teacher F1 {results['teacher']['f1']:.2f}), "
         f"heads {r['heads']}/{r['heads_dense']}, linear params {100 * r['linear_density']:.1f} %, "
-        f"speed-up {results['speedup']:.2f}x over the teacher on the dev evaluation ({args.device.type})")
+        f"speed-up {results['speedup']:.2f}x over the teacher on {len(dev['input_ids'])} dev windows ({args.device.type})")
     return results
 
 
 def prune_config(args):
     return bp.PruneConfig(block=args.block, mask=args.mask, final_threshold=args.final_threshold,
                           final_lambda=args.final_lambda, attention_lambda=args.attention_lambda,
-                          ffn_lambda=args.ffn_lambda, target_density=args.target_density)
+                          ffn_lambda=args.ffn_lambda,
+                          target_density=args.target_density[0] if args.target_density else None)
 
 
 # ---- command line ----------------------------------------------------------------------------------
@@ -634,6 +650,7 @@ PRESETS = {
     "small": dict(  # offline, about a minute on CPU: a tiny random BERT on the hand-made sample in data/
         model_name_or_path="tiny", teacher="", train_file=str(DATA_DIR / "sample-train.json"),
         dev_file=str(DATA_DIR / "sample-dev.json"), output_dir="runs/small", max_seq_length=128, doc_stride=32,
+        block="8x8",  # half a 16-wide head, as the paper's 32x32 blocks are of its 64-wide heads
         learning_rate=2e-3, mask_scores_learning_rate=2e-2, finetune_epochs=20, num_train_epochs=20,
         fill_epochs=5, initial_warmup=2, final_warmup=6, per_device_eval_batch_size=64, logging_steps=50,
         save_steps=100),
@@ -642,7 +659,9 @@ PRESETS = {
     "minilm": dict(
         model_name_or_path=str(SHARED / "models/all-MiniLM-L6-v2"), teacher="",
         train_file=str(SHARED / "squad/train-v1.1-head4370.json"), dev_file=str(SHARED / "squad/dev-v1.1.json"),
-        output_dir="runs/minilm", learning_rate=1e-4, finetune_epochs=3, logging_steps=20, save_steps=50),
+        output_dir="runs/minilm", learning_rate=1e-4, finetune_epochs=3, target_density=[0.5, 0.25],
+        num_train_epochs=4, initial_warmup=0.5, final_warmup=1, fill_epochs=2, speed_windows=1024,
+        logging_steps=20, save_steps=50),
 }
 
 
@@ -682,8 +701,10 @@ def parse_args(argv=None):
     a("--mask", choices=["sigmoid", "topk"], default="sigmoid")
     a("--final_threshold", type=float, default=0.1)
     a("--final_lambda", type=float, default=20.0)
-    a("--target_density", type=float, help="instead of --final_threshold: prune to this fraction of the linear "
-      "parameters (e.g. 0.26); the threshold follows it down the cubic ramp")
+    a("--target_density", type=float, nargs="+", help="instead of --final_threshold: prune to this fraction of "
+      "the linear parameters (e.g. 0.26); the threshold follows it down the cubic ramp. Several values (with "
+      "--stage all): one pruned model each, from the same teacher")
+    a("--speed_windows", type=int, default=0, help="time the speed-up on the first N dev windows (0: all)")
     a("--attention_lambda", type=float, default=1.0)
     a("--ffn_lambda", type=float, default=0.25)
     a("--temperature", type=float, default=2.0)
@@ -719,6 +740,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.target_density and len(args.target_density) > 1 and args.stage != "all":
+        raise ValueError("--target_density: several values need --stage all")
     if args.stage == "all":
         return stage_all(args, out)
     if args.stage == "finetune":
