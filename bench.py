@@ -193,7 +193,7 @@ def training_step(variant, device, dtype, B, T):
     return step
 
 
-def bench_training(device, dtype, B, T, reps, warmup):
+def bench_training(device, dtype, B, T, reps, warmup, memory=True):
     fns = {v: training_step(v, device, dtype, B, T) for v in STEPS}
     t = timeit({k: f for k, f in fns.items() if f is not None}, reps, warmup, device)
     del fns
@@ -202,8 +202,9 @@ def bench_training(device, dtype, B, T, reps, warmup):
     if "transformers dense" in t:
         row["ours over transformers, dense"] = t["transformers dense"] / t["ours dense"]
         row["ours over transformers, d26"] = t["transformers d26"] / t["ours d26"]
-    row["peak memory MB"] = {v: peak_memory(device, dtype, B, T, v) for v in ("ours dense", "ours prune")}
-    row["prune over dense, memory"] = row["peak memory MB"]["ours prune"] / row["peak memory MB"]["ours dense"]
+    if memory:
+        row["peak memory MB"] = {v: peak_memory(device, dtype, B, T, v) for v in ("ours dense", "ours prune")}
+        row["prune over dense, memory"] = row["peak memory MB"]["ours prune"] / row["peak memory MB"]["ours dense"]
     return row
 
 
@@ -284,10 +285,13 @@ def show(row):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="length 128, fewer repeats and windows: about a minute on CPU")
+    p.add_argument("--quick", action="store_true", help="length 128, small batches, fewer repeats, no memory: "
+                   "about a minute on 2 CPU cores")
     p.add_argument("--json", metavar="PATH", help="save the rows as JSON")
-    p.add_argument("--dev_file", default=str(Path(os.environ.get("BLOCKPRUNE_SHARED", Path(__file__).resolve().parent.parent / "shared")) / "squad/dev-v1.1.json"))
-    p.add_argument("--vocab", help="vocab.txt of bert-base-uncased (default: the one beside --dev_file's shared models)")
+    shared = Path(os.environ.get("BLOCKPRUNE_SHARED", Path(__file__).resolve().parent.parent / "shared"))
+    p.add_argument("--dev_file", default=str(shared / "squad/dev-v1.1.json"), help="SQuAD v1.1 dev JSON")
+    p.add_argument("--vocab", default=str(shared / "models/all-MiniLM-L6-v2/vocab.txt"),
+                   help="bert-base-uncased's vocab.txt")
     p.add_argument("--eval_windows", type=int, help="dev windows to evaluate (default: all on GPU, 256 on CPU)")
     p.add_argument("--memory_of", help=argparse.SUPPRESS)  # the child process of peak_memory on CPU
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -310,7 +314,7 @@ def main(argv=None):
     for B in (1, 8):
         rows.append(bench_inference(cpu, "fp32", B, T, reps, warmup))
         show(rows[-1])
-    rows.append(bench_training(cpu, "fp32", 2 if args.quick else 8, T, min(reps, 3), warmup))
+    rows.append(bench_training(cpu, "fp32", 2 if args.quick else 8, T, min(reps, 3), warmup, memory=not args.quick))
     show(rows[-1])
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
@@ -319,16 +323,17 @@ def main(argv=None):
             show(rows[-1])
         rows.append(bench_training(gpu, "bf16", 16, T, reps, warmup))
         show(rows[-1])
-    vocab = Path(args.vocab) if args.vocab else Path(args.dev_file).parent.parent / "models/all-MiniLM-L6-v2/vocab.txt"
+    vocab = Path(args.vocab)
     if Path(args.dev_file).exists() and vocab.exists():
         for device in [cpu] + ([torch.device("cuda")] if torch.cuda.is_available() else []):
-            windows = args.eval_windows or (0 if device.type == "cuda" else 32 if args.quick else 256)
+            windows = args.eval_windows or (0 if device.type == "cuda" else 16 if args.quick else 256)
             rows.append(bench_dev_evaluation(device, "fp32" if device.type == "cpu" else "fp16", args.dev_file,
                                              vocab, windows, 1 if args.quick else 2))
             show(rows[-1])
     else:
         print(f"dev evaluation skipped: no {args.dev_file} or {vocab} (--dev_file, --vocab)")
-    print("\n".join(["targets:"] + verdicts(rows)))
+    print("\n".join([f"targets{' (for length 384 and batch 8 on CPU: --quick only shows the way)' if args.quick else ''}:"]
+                    + verdicts(rows)))
     if args.json:
         bert.atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
     return rows

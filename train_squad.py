@@ -16,11 +16,13 @@ Then the training loop (train), evaluation (predict, evaluate), the stages (fine
 fill, eval, all) and the command line. The pruning method itself is all in blockprune.py.
 """
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
+import signal
 import string
 import sys
 import time
@@ -396,57 +398,62 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
     net.train()
     t0, seen, lam, tau = time.time(), 0, 0.0, 0.0
     log(f"{stage}: {N} windows, {epochs} epochs, {total} steps of {B * accum}")
-    while step < total:
-        epoch, i = divmod(step, steps_per_epoch)
-        # the data order is a function of (seed, epoch): a resumed run sees the same batches
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + epoch))
-        if prune is not None:
-            tau, lam = bp.schedule(step, net)
-            net.threshold = tau
-        for micro in range(accum):
-            idx = order[(i * accum + micro) * B:(i * accum + micro + 1) * B]
-            ids, mask, types, start_pos, end_pos = batches(
-                features, idx, device, ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions"))
-            with autocast(args):
-                start, end = net(ids, mask, types)
-                if teacher is None:
-                    loss = (F.cross_entropy(start, start_pos) + F.cross_entropy(end, end_pos)) / 2
-                else:
-                    with torch.no_grad():
-                        t_start, t_end = teacher(ids, mask, types)
-                    loss = bp.distillation_loss(start, end, t_start, t_end, start_pos, end_pos, args.temperature,
-                                                args.alpha_distil, args.alpha_ce)
-                if prune is not None and lam > 0:
-                    loss = loss + lam * bp.regularization(net)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step}; the last good state is "
-                                         f"{state_path if state_path.exists() else 'not saved yet'}")
-            scaler.scale(loss / accum).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        seen += B * accum
-        if step % args.logging_steps == 0 or step == total:
-            rate = seen / (time.time() - t0)
-            line = (f"{stage} step {step}/{total} | loss {loss.item():.4f} | lr {sched.get_last_lr()[0]:.2e}")
+    with stop_signals(stage) as stop:
+        while step < total:
+            epoch, i = divmod(step, steps_per_epoch)
+            # the data order is a function of (seed, epoch): a resumed run sees the same batches
+            order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + epoch))
             if prune is not None:
-                s = net.structure()
-                line += (f" | threshold {tau:.4f} lambda {lam:.3g} | density attn {100 * s['attention_density']:.1f}% "
-                         f"ffn {100 * s['ffn_density']:.1f}% compact {100 * s['compact_density']:.1f}% | "
-                         f"heads {sum(s['heads'])}/{sum(net.model.config.num_attention_heads)}")
-            left = (total - step) * B * accum / rate
-            log(f"{line} | {rate:.1f} ex/s | {time.strftime('%H:%M:%S', time.gmtime(left))} left")
-        if args.save_steps and step % args.save_steps == 0:
-            save_state()
-        if dev is not None and args.eval_steps and step % args.eval_steps == 0 and step < total:
-            start, end, _ = predict(args, net, dev[1])
-            m = squad_evaluate(dev[0], postprocess(dev[0], dev[1], start, end, args.n_best_size, args.max_answer_length))
-            log(f"{stage} step {step}: dev EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
-            net.train()
+                tau, lam = bp.schedule(step, net)
+                net.threshold = tau
+            for micro in range(accum):
+                idx = order[(i * accum + micro) * B:(i * accum + micro + 1) * B]
+                ids, mask, types, start_pos, end_pos = batches(
+                    features, idx, device, ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions"))
+                with autocast(args):
+                    start, end = net(ids, mask, types)
+                    if teacher is None:
+                        loss = (F.cross_entropy(start, start_pos) + F.cross_entropy(end, end_pos)) / 2
+                    else:
+                        with torch.no_grad():
+                            t_start, t_end = teacher(ids, mask, types)
+                        loss = bp.distillation_loss(start, end, t_start, t_end, start_pos, end_pos, args.temperature,
+                                                    args.alpha_distil, args.alpha_ce)
+                    if prune is not None and lam > 0:
+                        loss = loss + lam * bp.regularization(net)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step}; the last good state is "
+                                             f"{state_path if state_path.exists() else 'not saved yet'}")
+                scaler.scale(loss / accum).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            seen += B * accum
+            if step % args.logging_steps == 0 or step == total:
+                rate = seen / (time.time() - t0)
+                line = (f"{stage} step {step}/{total} | loss {loss.item():.4f} | lr {sched.get_last_lr()[0]:.2e}")
+                if prune is not None:
+                    s = net.structure()
+                    line += (f" | threshold {tau:.4f} lambda {lam:.3g} | density attn {100 * s['attention_density']:.1f}%"
+                             f" ffn {100 * s['ffn_density']:.1f}% compact {100 * s['compact_density']:.1f}% | "
+                             f"heads {sum(s['heads'])}/{sum(net.model.config.num_attention_heads)}")
+                left = (total - step) * B * accum / rate
+                log(f"{line} | {rate:.1f} ex/s | {time.strftime('%H:%M:%S', time.gmtime(left))} left")
+            if args.save_steps and step % args.save_steps == 0:
+                save_state()
+            if dev is not None and args.eval_steps and step % args.eval_steps == 0 and step < total:
+                start, end, _ = predict(args, net, dev[1])
+                m = squad_evaluate(dev[0], postprocess(dev[0], dev[1], start, end, args.n_best_size, args.max_answer_length))
+                log(f"{stage} step {step}: dev EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
+                net.train()
+            if stop:  # SIGTERM or Ctrl-C: keep this step's state, then leave
+                save_state()
+                raise SystemExit(f"{stage}: stopped by {stop[0]} after step {step}; the state is saved in "
+                                 f"{state_path}: run the same command with --resume to continue")
     if args.save_steps:
         save_state()
     if prune is not None:  # evaluation always uses the final threshold: tau_f, or the one that keeps target_density
@@ -454,6 +461,25 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
         net.config = replace(net.config, final_threshold=net.threshold)
     net.eval()
     return net
+
+
+@contextlib.contextmanager
+def stop_signals(stage):
+    """While training, SIGTERM or a first Ctrl-C only asks to stop: the step in progress finishes and its
+    state is saved before the run exits. A second Ctrl-C stops at once."""
+    stop = []
+
+    def handler(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signal.Signals(signum).name)
+        log(f"{stage}: {stop[-1]}: saving the training state after this step (Ctrl-C again to stop now)")
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------

@@ -136,3 +136,32 @@ def test_several_target_densities_prune_from_one_teacher(small_run, tmp_path):
         assert runs[name]["structure"]["linear_density"] == pytest.approx(d, abs=0.02)
         assert json.loads((tmp_path / name / "results.json").read_text())["speedup"] == runs[name]["speedup"]
     assert runs["d30"]["speedup"] > 1
+
+
+def test_sigterm_saves_the_state_and_resume_finishes_as_if_never_stopped(small_run, tmp_path):
+    import subprocess
+    import sys
+    flags = ["--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--num_train_epochs", "3",
+             "--initial_warmup", "1", "--final_warmup", "1", "--save_steps", "0", "--logging_steps", "5"]
+    run(tmp_path / "whole", *flags)
+    p = subprocess.Popen([sys.executable, str(ts.Path(ts.__file__)), "--preset", "small", "--output_dir",
+                          str(tmp_path / "stopped"), *flags], stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:  # the first progress line: training is under way, no state saved yet (--save_steps 0)
+        if line.startswith("prune step"):
+            p.send_signal(subprocess.signal.SIGTERM)
+            break
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 1 and "stopped by SIGTERM after step" in err and "--resume" in err
+    assert (tmp_path / "stopped" / "training_state.pt").exists() and not (tmp_path / "stopped" / "scores.safetensors").exists()
+    run(tmp_path / "stopped", *flags, "--resume")
+    a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "stopped")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_transformers_teacher_runs_through_our_training_loop(tmp_path, shared):
+    pytest.importorskip("transformers")
+    import teacher_parity
+    m = teacher_parity.main(["--preset", "small", "--model_name_or_path", str(shared / "models/paraphrase-MiniLM-L3-v2"),
+                             "--output_dir", str(tmp_path), "--finetune_epochs", "1"])
+    assert 0 <= m["f1"] <= 100 and (tmp_path / "predictions.json").exists() and (tmp_path / "model.safetensors").exists()
