@@ -422,7 +422,7 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
                     if prune is not None and lam > 0:
                         loss = loss + lam * bp.regularization(net)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step}; the last good state is "
+                    raise FloatingPointError(f"{stage}: loss is {loss.item()} in step {step + 1}; the last good state is "
                                              f"{state_path if state_path.exists() else 'not saved yet'}")
                 scaler.scale(loss / accum).backward()
             scaler.unscale_(opt)
@@ -781,8 +781,17 @@ def main(argv=None):
     return stage_eval(args, args.model_name_or_path, out)
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() with the errors a user can fix said in one line, not a traceback."""
     try:
-        main()
-    except (OSError, ValueError) as e:  # bad input or no network: one clear line, not a traceback
+        return main(argv)
+    except torch.OutOfMemoryError as e:
+        sys.exit(f"error: out of memory ({str(e).splitlines()[0]}). Lower --per_device_train_batch_size "
+                 f"(raise --gradient_accumulation_steps to keep the batch size), --per_device_eval_batch_size "
+                 f"or --max_seq_length")
+    except (OSError, ValueError, FloatingPointError) as e:  # bad input, no network, a diverging loss
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

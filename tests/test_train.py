@@ -165,3 +165,27 @@ def test_transformers_teacher_runs_through_our_training_loop(tmp_path, shared):
     m = teacher_parity.main(["--preset", "small", "--model_name_or_path", str(shared / "models/paraphrase-MiniLM-L3-v2"),
                              "--output_dir", str(tmp_path), "--finetune_epochs", "1"])
     assert 0 <= m["f1"] <= 100 and (tmp_path / "predictions.json").exists() and (tmp_path / "model.safetensors").exists()
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_state(small_run, tmp_path, monkeypatch, capsys):
+    regularization, calls = bp.regularization, []
+
+    def diverge(masked):
+        calls.append(1)
+        return regularization(masked) * (float("nan") if len(calls) == 25 else 1)
+    monkeypatch.setattr(bp, "regularization", diverge)
+    with pytest.raises(SystemExit) as e:
+        ts.cli(["--preset", "small", "--output_dir", str(tmp_path), "--stage", "prune", "--teacher",
+                str(small_run[0] / "teacher"), "--save_steps", "10", "--initial_warmup", "0"])
+    # lambda is 0 in the first step, so the 25th call of the regulariser is in step 26 (counted from 1, as the log)
+    assert "loss is nan in step 26" in str(e.value) and str(tmp_path / "training_state.pt") in str(e.value)
+    assert torch.load(tmp_path / "training_state.pt", weights_only=False)["step"] == 20  # the last good state
+
+
+def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(ts, "train", oom)
+    with pytest.raises(SystemExit) as e:
+        ts.cli(["--preset", "small", "--output_dir", str(tmp_path), "--stage", "finetune"])
+    assert "out of memory (CUDA out of memory." in str(e.value) and "--per_device_train_batch_size" in str(e.value)
