@@ -66,6 +66,7 @@ def test_teacher_with_another_vocab_is_refused(small_run, tmp_path, shared):
     ("--doc_stride", "100", "--doc_stride must be in"),
     ("--final_threshold", "1.2", "--final_threshold must be in"),
     ("--block", "24x24", "do not divide"),
+    ("--target_density", "1.5", "--target_density must be in (0, 1]"),
 ])
 def test_invalid_flags_are_refused_with_the_flag_named(small_run, tmp_path, flag, value, message, capsys):
     out, _ = small_run
@@ -189,3 +190,11 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         ts.cli(["--preset", "small", "--output_dir", str(tmp_path), "--stage", "finetune"])
     assert "out of memory (CUDA out of memory." in str(e.value) and "--per_device_train_batch_size" in str(e.value)
+
+
+def test_vocab_larger_than_the_model_is_refused(tmp_path):
+    model, vocab, _ = ts.load_checkpoint("tiny")
+    model.save_pretrained(tmp_path, vocab)
+    (tmp_path / "vocab.txt").write_text(vocab.read_text() + "extra1\nextra2\n")
+    with pytest.raises(ValueError, match=r"vocab.txt has more tokens than the model's vocab_size 452"):
+        ts.load_checkpoint(str(tmp_path))
