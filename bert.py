@@ -298,7 +298,8 @@ def write_safetensors(path, tensors):
 # ---- files: atomic writes, downloads, the hub ---------------------------------------------------
 
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process speaks for all
+        print(msg, file=sys.stderr, flush=True)
 
 
 def atomic_write(path, data):

@@ -328,18 +328,32 @@ def load_checkpoint(name):
 
 # ---- training --------------------------------------------------------------------------------------
 
+def steps_per_epoch(args, features):
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
+    return len(features["input_ids"]) // global_batch
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def get_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def autocast(args):
     """bf16 (or fp16) autocast on GPU; plain fp32 on CPU."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     return torch.autocast(args.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def batches(features, idx, device, keys=("input_ids", "attention_mask", "token_type_ids"), trim=True):
-    """The windows idx, cut to the longest of them. Padding holds no answer and attention never
-    looks at it; SQuAD windows average 175 of 384 tokens, so cutting it halves the work."""
+def batches(features, idx, device, keys=("input_ids", "attention_mask", "token_type_ids"), trim=True, like=None):
+    """The windows idx, cut to the longest of them (or of the windows `like`: the global batch under
+    torchrun). Padding holds no answer and attention never looks at it; SQuAD windows average 175 of
+    384 tokens, so cutting it halves the work."""
     out = [features[k][idx] for k in keys]
     if trim:
-        n = int(features["attention_mask"][idx].sum(1).max())
+        n = int(features["attention_mask"][idx if like is None else like].sum(1).max())
         out = [t[:, :n] if t.dim() == 2 and t.shape[1] == features["input_ids"].shape[1] else t for t in out]
     return [t.to(device, non_blocking=True) for t in out]
 
@@ -350,21 +364,26 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
     The state needed to resume (weights, scores, optimiser, step, RNG) is saved every --save_steps;
     dev = (examples, features) is evaluated every --eval_steps."""
     device, B, accum = args.device, args.per_device_train_batch_size, args.gradient_accumulation_steps
+    world, rank = world_size(), get_rank()  # under torchrun each process takes B windows of a global batch
     N = len(features["input_ids"])
-    steps_per_epoch = N // (B * accum)
-    if steps_per_epoch == 0:
-        raise ValueError(f"--per_device_train_batch_size {B} x --gradient_accumulation_steps {accum} "
-                         f"is larger than the {N} training windows")
-    total = max(1, round(epochs * steps_per_epoch))
+    epoch_steps = N // (B * accum * world)
+    if epoch_steps == 0:
+        raise ValueError(f"--per_device_train_batch_size {B} x --gradient_accumulation_steps {accum} x {world} "
+                         f"processes is larger than the {N} training windows")
+    total = max(1, round(epochs * epoch_steps))
     model.to(device)
     net = model
     if prune is not None:  # the schedule in steps: warm-up epochs, cubic ramp, cool-down epochs
-        prune = replace(prune, warmup_steps=round(args.initial_warmup * steps_per_epoch),
-                        ramp_steps=max(1, total - round((args.initial_warmup + args.final_warmup) * steps_per_epoch)))
+        prune = replace(prune, warmup_steps=round(args.initial_warmup * epoch_steps),
+                        ramp_steps=max(1, total - round((args.initial_warmup + args.final_warmup) * epoch_steps)))
         net = bp.MaskedBert(model, prune).to(device)
         groups = bp.param_groups(net, lr, args.mask_scores_learning_rate, args.weight_decay)
     else:
         groups = [{"params": list(model.parameters()), "lr": lr, "weight_decay": args.weight_decay}]
+    # DistributedDataParallel averages the gradients (scores included) over the processes after backward;
+    # a layer without heads or FFN units leaves its empty Linears out of the forward
+    unused = world > 1 and 0 in model.config.num_attention_heads + model.config.intermediate_size
+    forward = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=unused) if world > 1 else net
     opt = torch.optim.AdamW(groups, eps=1e-8)
     # linear warm-up then linear decay to 0, every group alike
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(1, warmup_steps),
@@ -387,6 +406,8 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
         log(f"{stage}: resumed from {state_path} at step {step}")
 
     def save_state():
+        if rank:
+            return
         buf = io.BytesIO()
         torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "step": step,
@@ -400,18 +421,19 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
     log(f"{stage}: {N} windows, {epochs} epochs, {total} steps of {B * accum}")
     with stop_signals(stage) as stop:
         while step < total:
-            epoch, i = divmod(step, steps_per_epoch)
+            epoch, i = divmod(step, epoch_steps)
             # the data order is a function of (seed, epoch): a resumed run sees the same batches
             order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + epoch))
             if prune is not None:
                 tau, lam = bp.schedule(step, net)
                 net.threshold = tau
             for micro in range(accum):
-                idx = order[(i * accum + micro) * B:(i * accum + micro + 1) * B]
+                batch = order[(i * accum + micro) * B * world:(i * accum + micro + 1) * B * world]
                 ids, mask, types, start_pos, end_pos = batches(
-                    features, idx, device, ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions"))
+                    features, batch[rank * B:(rank + 1) * B], device,
+                    ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions"), like=batch)
                 with autocast(args):
-                    start, end = net(ids, mask, types)
+                    start, end = forward(ids, mask, types)
                     if teacher is None:
                         loss = (F.cross_entropy(start, start_pos) + F.cross_entropy(end, end_pos)) / 2
                     else:
@@ -432,7 +454,7 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            seen += B * accum
+            seen += B * accum * world
             if step % args.logging_steps == 0 or step == total:
                 rate = seen / (time.time() - t0)
                 line = (f"{stage} step {step}/{total} | loss {loss.item():.4f} | lr {sched.get_last_lr()[0]:.2e}")
@@ -441,11 +463,11 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
                     line += (f" | threshold {tau:.4f} lambda {lam:.3g} | density attn {100 * s['attention_density']:.1f}%"
                              f" ffn {100 * s['ffn_density']:.1f}% compact {100 * s['compact_density']:.1f}% | "
                              f"heads {sum(s['heads'])}/{sum(net.model.config.num_attention_heads)}")
-                left = (total - step) * B * accum / rate
+                left = (total - step) * B * accum * world / rate
                 log(f"{line} | {rate:.1f} ex/s | {time.strftime('%H:%M:%S', time.gmtime(left))} left")
             if args.save_steps and step % args.save_steps == 0:
                 save_state()
-            if dev is not None and args.eval_steps and step % args.eval_steps == 0 and step < total:
+            if dev is not None and args.eval_steps and step % args.eval_steps == 0 and step < total and not rank:
                 start, end, _ = predict(args, net, dev[1])
                 m = squad_evaluate(dev[0], postprocess(dev[0], dev[1], start, end, args.n_best_size, args.max_answer_length))
                 log(f"{stage} step {step}: dev EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
@@ -547,9 +569,11 @@ def stage_finetune(args, model_path, out):
     model, vocab, lowercase = load_checkpoint(model_path)
     _, features = features_for(args, vocab, lowercase, "train")
     dev = features_for(args, vocab, lowercase, "dev")
-    steps = args.finetune_epochs * len(features["input_ids"]) // args.per_device_train_batch_size
+    steps = args.finetune_epochs * steps_per_epoch(args, features)
     model = train(args, "finetune", model, features, args.finetune_epochs, args.learning_rate,
                   round(args.warmup_ratio * steps), out, dev=dev)
+    if get_rank():
+        return None  # under torchrun the first process saves and evaluates
     save_checkpoint(model, out, vocab, lowercase)
     return evaluate(args, model, *dev, out, "finetune")
 
@@ -566,9 +590,10 @@ def stage_prune(args, model_path, teacher_path, out):
     teacher = load_teacher(teacher_path, vocab)
     _, features = features_for(args, vocab, lowercase, "train")
     dev = features_for(args, vocab, lowercase, "dev")
-    steps_per_epoch = len(features["input_ids"]) // args.per_device_train_batch_size
     masked = train(args, "prune", model, features, args.num_train_epochs, args.learning_rate,
-                   round(args.initial_warmup * steps_per_epoch), out, teacher=teacher, prune=prune_config(args), dev=dev)
+                   round(args.initial_warmup * steps_per_epoch(args, features)), out, teacher=teacher, prune=prune_config(args), dev=dev)
+    if get_rank():
+        return None
     save_checkpoint(masked, out, vocab, lowercase)
     return evaluate(args, masked, *dev, out, "prune (masked)")
 
@@ -600,6 +625,8 @@ def stage_fill(args, compact_path, teacher_path, out):
     _, features = features_for(args, vocab, lowercase, "train")
     dev = features_for(args, vocab, lowercase, "dev")
     model = train(args, "fill", model, features, args.fill_epochs, args.learning_rate, 10, out, teacher=teacher, dev=dev)
+    if get_rank():
+        return None
     save_checkpoint(model, out, vocab, lowercase)
     return evaluate(args, model, *dev, out, "fill")
 
@@ -763,6 +790,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.score:
         return score_main(args.score, args.dev_file)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: one process per GPU (or CPU process, gloo)
+        if args.stage not in ("finetune", "prune", "fill"):
+            raise ValueError(f"--stage {args.stage}: under torchrun only the training stages run (finetune, prune, "
+                             f"fill); compact, eval and all run in one process")
+        torch.distributed.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+        if args.device.type == "cuda":
+            args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(args.device)
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -198,3 +198,33 @@ def test_vocab_larger_than_the_model_is_refused(tmp_path):
     (tmp_path / "vocab.txt").write_text(vocab.read_text() + "extra1\nextra2\n")
     with pytest.raises(ValueError, match=r"vocab.txt has more tokens than the model's vocab_size 452"):
         ts.load_checkpoint(str(tmp_path))
+
+
+def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tmp_path):
+    import subprocess
+    import sys
+    from dataclasses import replace
+    model, vocab, _ = ts.load_checkpoint("tiny")  # without dropout, whose random draws differ per process
+    start = BertForQuestionAnswering(replace(model.config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    start.load_state_dict(model.state_dict())
+    start.save_pretrained(tmp_path / "start", vocab)
+    flags = ["--preset", "small", "--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"),
+             "--finetune_epochs", "2"]
+    ts.main([*flags, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"])
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ts.Path(ts.__file__)), *flags, "--output_dir", str(tmp_path / "two"),
+                        "--per_device_train_batch_size", "8"], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = (BertForQuestionAnswering.from_pretrained(tmp_path / d).eval() for d in ("one", "two"))
+    # the same steps; only the order of the gradient sums differs. (Biases with no effect on the loss,
+    # like the key biases, get pure rounding noise as gradient, which Adam scales up: they are left out.)
+    for (k, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        if a.dim() == 2:
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=k)
+    _, dev = ts.cached_features(ts.DATA_DIR / "sample-dev.json", vocab, True, 128, 32, False)
+    x = [dev[k][:32] for k in ("input_ids", "attention_mask", "token_type_ids")]
+    with torch.no_grad():
+        for a, b in zip(one(*x), two(*x)):  # logits up to a shift of the whole row, which softmax ignores
+            torch.testing.assert_close(b - b.mean(1, keepdim=True), a - a.mean(1, keepdim=True), atol=1e-4, rtol=0)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["f1"] >= 0
