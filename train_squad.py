@@ -400,25 +400,31 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        rng, cuda_rng = state["rng"], state["cuda_rng"]
+        if world > 1 and len(state.get("rng_per_process", [])) == world:
+            rng, cuda_rng = state["rng_per_process"][rank]
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
         log(f"{stage}: resumed from {state_path} at step {step}")
 
-    def save_state():
+    def save_state():  # called by every process at the same step; the first one writes
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+        per_process = [None] * world
+        if world > 1:  # dropout draws differ per process: keep each one's generator
+            torch.distributed.all_gather_object(per_process, rng)
         if rank:
             return
         buf = io.BytesIO()
         torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "step": step,
-                    "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}, buf)
+                    "scaler": scaler.state_dict(), "step": step, "rng": rng[0], "cuda_rng": rng[1],
+                    **({"rng_per_process": per_process} if world > 1 else {})}, buf)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(state_path, buf.getvalue())
 
     net.train()
     t0, seen, lam, tau = time.time(), 0, 0.0, 0.0
-    log(f"{stage}: {N} windows, {epochs} epochs, {total} steps of {B * accum}")
+    log(f"{stage}: {N} windows, {epochs} epochs, {total} steps of {B * accum * world}")
     with stop_signals(stage) as stop:
         while step < total:
             epoch, i = divmod(step, epoch_steps)
@@ -472,6 +478,11 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
                 m = squad_evaluate(dev[0], postprocess(dev[0], dev[1], start, end, args.n_best_size, args.max_answer_length))
                 log(f"{stage} step {step}: dev EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
                 net.train()
+            if world > 1:  # every process stops after the same step: the first signalled decides
+                flag = torch.tensor([float(bool(stop))], device=device)
+                torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+                if flag.item() and not stop:
+                    stop.append("a signal to another process")
             if stop:  # SIGTERM or Ctrl-C: keep this step's state, then leave
                 save_state()
                 raise SystemExit(f"{stage}: stopped by {stop[0]} after step {step}; the state is saved in "

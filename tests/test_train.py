@@ -200,6 +200,14 @@ def test_vocab_larger_than_the_model_is_refused(tmp_path):
         ts.load_checkpoint(str(tmp_path))
 
 
+def torchrun(*flags):
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ts.Path(ts.__file__)), *flags], stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tmp_path):
     import subprocess
     import sys
@@ -211,11 +219,8 @@ def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tm
     flags = ["--preset", "small", "--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"),
              "--finetune_epochs", "2"]
     ts.main([*flags, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"])
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ts.Path(ts.__file__)), *flags, "--output_dir", str(tmp_path / "two"),
-                        "--per_device_train_batch_size", "8"], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun(*flags, "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "8")
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
     one, two = (BertForQuestionAnswering.from_pretrained(tmp_path / d).eval() for d in ("one", "two"))
     # the same steps; only the order of the gradient sums differs. (Biases with no effect on the loss,
     # like the key biases, get pure rounding noise as gradient, which Adam scales up: they are left out.)
@@ -228,3 +233,21 @@ def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tm
         for a, b in zip(one(*x), two(*x)):  # logits up to a shift of the whole row, which softmax ignores
             torch.testing.assert_close(b - b.mean(1, keepdim=True), a - a.mean(1, keepdim=True), atol=1e-4, rtol=0)
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["f1"] >= 0
+
+
+def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
+    model, vocab, _ = ts.load_checkpoint("tiny")  # with dropout: each process's generator must come back
+    model.save_pretrained(tmp_path / "start", vocab)
+    flags = ["--preset", "small", "--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"),
+             "--finetune_epochs", "4", "--per_device_train_batch_size", "8", "--logging_steps", "5", "--save_steps", "0"]
+    assert torchrun(*flags, "--output_dir", str(tmp_path / "whole")).wait(timeout=300) == 0
+    p = torchrun(*flags, "--output_dir", str(tmp_path / "stopped"))
+    for line in p.stderr:
+        if line.startswith("finetune step"):
+            p.send_signal(__import__("signal").SIGTERM)  # torchrun passes it on to both processes
+            break
+    assert p.wait(timeout=300) != 0 and "stopped by SIGTERM after step" in p.stderr.read()
+    assert torchrun(*flags, "--output_dir", str(tmp_path / "stopped"), "--resume").wait(timeout=300) == 0
+    a, b = (BertForQuestionAnswering.from_pretrained(tmp_path / d) for d in ("whole", "stopped"))
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
