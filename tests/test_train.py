@@ -137,6 +137,8 @@ def test_several_target_densities_prune_from_one_teacher(small_run, tmp_path):
         assert runs[name]["structure"]["linear_density"] == pytest.approx(d, abs=0.02)
         assert json.loads((tmp_path / name / "results.json").read_text())["speedup"] == runs[name]["speedup"]
     assert runs["d30"]["speedup"] > 1
+    if ts.plot_study(runs, tmp_path / "plot.png"):  # matplotlib installed: the study's picture is drawn
+        assert (tmp_path / "f1-speedup.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sigterm_saves_the_state_and_resume_finishes_as_if_never_stopped(small_run, tmp_path):
