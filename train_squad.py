@@ -17,6 +17,7 @@ fill, eval, all) and the command line. The pruning method itself is all in block
 """
 import argparse
 import contextlib
+import datetime
 import hashlib
 import io
 import json
@@ -341,6 +342,11 @@ def get_rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def autocast(args):
     """bf16 (or fp16) autocast on GPU; plain fp32 on CPU."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
@@ -478,14 +484,15 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
                 m = squad_evaluate(dev[0], postprocess(dev[0], dev[1], start, end, args.n_best_size, args.max_answer_length))
                 log(f"{stage} step {step}: dev EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
                 net.train()
-            if world > 1:  # every process stops after the same step: the first signalled decides
-                flag = torch.tensor([float(bool(stop))], device=device)
+            stopping = bool(stop)  # SIGTERM or Ctrl-C: keep this step's state, then leave
+            if world > 1:  # the processes decide together (a signal may reach one during this very check)
+                flag = torch.tensor([float(stopping)], device=device)
                 torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
-                if flag.item() and not stop:
-                    stop.append("a signal to another process")
-            if stop:  # SIGTERM or Ctrl-C: keep this step's state, then leave
+                stopping = bool(flag.item())
+            if stopping:
                 save_state()
-                raise SystemExit(f"{stage}: stopped by {stop[0]} after step {step}; the state is saved in "
+                raise SystemExit(f"{stage}: stopped by {stop[0] if stop else 'a signal to another process'} "
+                                 f"after step {step}; the state is saved in "
                                  f"{state_path}: run the same command with --resume to continue")
     if args.save_steps:
         save_state()
@@ -546,7 +553,10 @@ def sync(device):
 
 
 def evaluate(args, model, examples, features, out_dir, name):
-    """Dev EM/F1 with the official metric; predictions.json and metrics.json into out_dir."""
+    """Dev EM/F1 with the official metric; predictions.json and metrics.json into out_dir (by the first
+    process only, under torchrun)."""
+    if get_rank():
+        return None
     start, end, seconds = predict(args, model, features)
     predictions = postprocess(examples, features, start, end, args.n_best_size, args.max_answer_length)
     metrics = {**squad_evaluate(examples, predictions), "eval_seconds": seconds, "windows": len(start)}
@@ -663,7 +673,7 @@ def stage_all(args, out):
         sub = out if len(densities) == 1 else out / f"d{100 * d:g}"
         runs[sub.name] = prune_compact_fill(argparse.Namespace(**{**vars(args), "target_density": d and [d]}), sub,
                                             teacher, teacher_metrics)
-    if len(densities) > 1:
+    if len(densities) > 1 and not get_rank():
         plot_study(runs, out / "f1-speedup.png")
     return runs[out.name] if len(densities) == 1 else runs
 
@@ -702,14 +712,20 @@ def once(args, d, fn, *a):
     if (d / "metrics.json").exists() and args.resume:
         log(f"{d}: done already, skipped")
         return json.loads((d / "metrics.json").read_text())
-    return fn(args, *a, d)
+    result = fn(args, *a, d)
+    barrier()  # under torchrun: the first process has written d before the others read it
+    return result
 
 
 def prune_compact_fill(args, out, teacher, teacher_metrics):
     results = {"teacher": teacher_metrics}
     results["pruned"] = once(args, out / "pruned", stage_prune, args.model_name_or_path, teacher)
-    results["structure"] = stage_compact(args, out / "pruned", out / "compact")
+    if not get_rank():
+        results["structure"] = stage_compact(args, out / "pruned", out / "compact")
+    barrier()
     results["filled"] = once(args, out / "filled", stage_fill, str(out / "compact"), teacher)
+    if get_rank():
+        return None
     dense, vocab, lowercase = load_checkpoint(teacher)
     final = load_checkpoint(str(out / "filled"))[0]
     _, dev = features_for(args, vocab, lowercase, "dev")
@@ -833,10 +849,9 @@ def main(argv=None):
     if args.score:
         return score_main(args.score, args.dev_file)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: one process per GPU (or CPU process, gloo)
-        if args.stage not in ("finetune", "prune", "fill"):
-            raise ValueError(f"--stage {args.stage}: under torchrun only the training stages run (finetune, prune, "
-                             f"fill); compact, eval and all run in one process")
-        torch.distributed.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+        # the others wait while the first evaluates: allow for a whole dev evaluation on CPU
+        torch.distributed.init_process_group("nccl" if args.device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=6))
         if args.device.type == "cuda":
             args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(args.device)
@@ -861,13 +876,18 @@ def main(argv=None):
 def cli(argv=None):
     """main() with the errors a user can fix said in one line, not a traceback."""
     try:
-        return main(argv)
+        result = main(argv)
+        barrier()  # under torchrun: leave together
+        return result
     except torch.OutOfMemoryError as e:
         sys.exit(f"error: out of memory ({str(e).splitlines()[0]}). Lower --per_device_train_batch_size "
                  f"(raise --gradient_accumulation_steps to keep the batch size), --per_device_eval_batch_size "
                  f"or --max_seq_length")
     except (OSError, ValueError, FloatingPointError) as e:  # bad input, no network, a diverging loss
         sys.exit(f"error: {e}")
+    finally:  # a process group left open can abort the process at exit
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ def test_several_target_densities_prune_from_one_teacher(small_run, tmp_path):
         assert (tmp_path / "f1-speedup.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_sigterm_saves_the_state_and_resume_finishes_as_if_never_stopped(small_run, tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])  # SIGINT: Ctrl-C
+def test_stop_signal_saves_the_state_and_resume_finishes_as_if_never_stopped(small_run, tmp_path, signal_name):
     import subprocess
     import sys
     flags = ["--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--num_train_epochs", "3",
@@ -151,10 +152,10 @@ def test_sigterm_saves_the_state_and_resume_finishes_as_if_never_stopped(small_r
                           str(tmp_path / "stopped"), *flags], stderr=subprocess.PIPE, text=True)
     for line in p.stderr:  # the first progress line: training is under way, no state saved yet (--save_steps 0)
         if line.startswith("prune step"):
-            p.send_signal(subprocess.signal.SIGTERM)
+            p.send_signal(getattr(subprocess.signal, signal_name))
             break
     err = p.stderr.read()
-    assert p.wait(timeout=120) == 1 and "stopped by SIGTERM after step" in err and "--resume" in err
+    assert p.wait(timeout=120) == 1 and f"stopped by {signal_name} after step" in err and "--resume" in err
     assert (tmp_path / "stopped" / "training_state.pt").exists() and not (tmp_path / "stopped" / "scores.safetensors").exists()
     run(tmp_path / "stopped", *flags, "--resume")
     a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "stopped")
@@ -241,15 +242,24 @@ def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
     model, vocab, _ = ts.load_checkpoint("tiny")  # with dropout: each process's generator must come back
     model.save_pretrained(tmp_path / "start", vocab)
     flags = ["--preset", "small", "--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"),
-             "--finetune_epochs", "4", "--per_device_train_batch_size", "8", "--logging_steps", "5", "--save_steps", "0"]
+             "--finetune_epochs", "8", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--save_steps", "0"]
     assert torchrun(*flags, "--output_dir", str(tmp_path / "whole")).wait(timeout=300) == 0
     p = torchrun(*flags, "--output_dir", str(tmp_path / "stopped"))
     for line in p.stderr:
         if line.startswith("finetune step"):
-            p.send_signal(__import__("signal").SIGTERM)  # torchrun passes it on to both processes
+            p.send_signal(__import__("signal").SIGTERM)  # in step 2 of 120; torchrun passes it on to both processes
             break
     assert p.wait(timeout=300) != 0 and "stopped by SIGTERM after step" in p.stderr.read()
     assert torchrun(*flags, "--output_dir", str(tmp_path / "stopped"), "--resume").wait(timeout=300) == 0
     a, b = (BertForQuestionAnswering.from_pretrained(tmp_path / d) for d in ("whole", "stopped"))
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+def test_whole_recipe_runs_under_torchrun(tmp_path):
+    p = torchrun("--preset", "small", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "8",
+                 "--finetune_epochs", "1", "--num_train_epochs", "2", "--initial_warmup", "0.5", "--final_warmup", "0.5",
+                 "--fill_epochs", "1", "--target_density", "0.5")
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["structure"]["linear_density"] == pytest.approx(0.5, abs=0.02) and results["speedup"] > 0
