@@ -212,8 +212,6 @@ def torchrun(*flags):
 
 
 def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tmp_path):
-    import subprocess
-    import sys
     from dataclasses import replace
     model, vocab, _ = ts.load_checkpoint("tiny")  # without dropout, whose random draws differ per process
     start = BertForQuestionAnswering(replace(model.config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
