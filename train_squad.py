@@ -877,7 +877,11 @@ def cli(argv=None):
     """main() with the errors a user can fix said in one line, not a traceback."""
     try:
         result = main(argv)
-        barrier()  # under torchrun: leave together
+        if torch.distributed.is_initialized():  # under torchrun: leave together, and at once: with gloo,
+            barrier()  # torch's own teardown at interpreter exit sometimes aborts ("terminate called
+            torch.distributed.destroy_process_group()  # without an active exception", exit -6) after
+            sys.stdout.flush(), sys.stderr.flush()  # all the work is done and saved
+            os._exit(0)
         return result
     except torch.OutOfMemoryError as e:
         sys.exit(f"error: out of memory ({str(e).splitlines()[0]}). Lower --per_device_train_batch_size "
