@@ -270,7 +270,7 @@ def verdicts(rows):
             if r["what"] == what and key in r and device in (None, r["device"]) and batch in (None, r["batch"]):
                 met = r[key] >= value if op == ">=" else r[key] <= value
                 out.append(f"{'met   ' if met else 'MISSED'} {what} {r['device']} {r['dtype']} batch {r['batch']}: "
-                           f"{key} {r[key]:.2f} (target {op} {value})")
+                           f"{key} {r[key]:.3f} (target {op} {value})")
     return out
 
 
@@ -314,7 +314,7 @@ def main(argv=None):
     for B in (1, 8):
         rows.append(bench_inference(cpu, "fp32", B, T, reps, warmup))
         show(rows[-1])
-    rows.append(bench_training(cpu, "fp32", 2 if args.quick else 8, T, min(reps, 3), warmup, memory=not args.quick))
+    rows.append(bench_training(cpu, "fp32", 1 if args.quick else 8, T, min(reps, 3), warmup, memory=not args.quick))
     show(rows[-1])
     if torch.cuda.is_available():
         gpu = torch.device("cuda")

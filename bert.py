@@ -140,8 +140,9 @@ class BertForQuestionAnswering(nn.Module):
         pos = torch.arange(T, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
         x = self.dropout(self.embeddings_ln(x))
-        # padding: every query may attend to the keys that are not padding (True = attend)
-        mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+        # padding: every query may attend to the keys that are not padding (True = attend). Without
+        # padding no mask at all: SDPA then skips adding it to every score (transformers does the same)
+        mask = None if attention_mask is None or attention_mask.all() else attention_mask[:, None, None, :].bool()
         for layer in self.layers:
             x = layer(x, mask)
         start, end = self.qa_outputs(x).float().unbind(-1)

@@ -468,15 +468,16 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
             step += 1
             seen += B * accum * world
             if step % args.logging_steps == 0 or step == total:
-                rate = seen / (time.time() - t0)
+                rate = seen / (time.time() - t0)  # over the steps since the last line: a pause or an evaluation
+                t0, seen = time.time(), 0          # in between does not skew it for long
                 line = (f"{stage} step {step}/{total} | loss {loss.item():.4f} | lr {sched.get_last_lr()[0]:.2e}")
                 if prune is not None:
                     s = net.structure()
                     line += (f" | threshold {tau:.4f} lambda {lam:.3g} | density attn {100 * s['attention_density']:.1f}%"
                              f" ffn {100 * s['ffn_density']:.1f}% compact {100 * s['compact_density']:.1f}% | "
                              f"heads {sum(s['heads'])}/{sum(net.model.config.num_attention_heads)}")
-                left = (total - step) * B * accum * world / rate
-                log(f"{line} | {rate:.1f} ex/s | {time.strftime('%H:%M:%S', time.gmtime(left))} left")
+                left = round((total - step) * B * accum * world / rate)
+                log(f"{line} | {rate:.1f} ex/s | {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
             if args.save_steps and step % args.save_steps == 0:
                 save_state()
             if dev is not None and args.eval_steps and step % args.eval_steps == 0 and step < total and not rank:
@@ -771,7 +772,7 @@ PRESETS = {
         model_name_or_path=str(SHARED / "models/all-MiniLM-L6-v2"), teacher="",
         train_file=str(SHARED / "squad/train-v1.1-head4370.json"), dev_file=str(SHARED / "squad/dev-v1.1.json"),
         output_dir="runs/minilm", learning_rate=1e-4, finetune_epochs=3, target_density=[0.5, 0.25],
-        num_train_epochs=4, initial_warmup=0.5, final_warmup=1, fill_epochs=2, speed_windows=1024,
+        num_train_epochs=2, initial_warmup=0.25, final_warmup=0.5, fill_epochs=1, speed_windows=1024,
         logging_steps=20, save_steps=50),
 }
 

@@ -23,6 +23,6 @@ def test_targets_are_judged_on_the_right_rows():
             {"what": "inference", "device": "cpu", "dtype": "fp32", "batch": 1, "d26 speed-up": 2.0},
             {"what": "training step", "device": "cpu", "dtype": "fp32", "batch": 8, "prune over dense": 1.2}]
     v = bench.verdicts(rows)
-    assert v == ["met    inference cpu fp32 batch 8: d26 speed-up 3.50 (target >= 3.4)",
-                 "MISSED inference cpu fp32 batch 8: ours over transformers, dense 0.97 (target >= 1.0)",
-                 "MISSED training step cpu fp32 batch 8: prune over dense 1.20 (target <= 1.15)"]
+    assert v == ["met    inference cpu fp32 batch 8: d26 speed-up 3.500 (target >= 3.4)",
+                 "MISSED inference cpu fp32 batch 8: ours over transformers, dense 0.970 (target >= 1.0)",
+                 "MISSED training step cpu fp32 batch 8: prune over dense 1.200 (target <= 1.15)"]
