@@ -1,6 +1,6 @@
 """
 Speed and memory of block-pruned BERT, measured: dense BERT-base against BERT-base cut to the
-structure of the paper's released "d26" model (METHOD.md), our BERT against transformers', and a
+structure of the paper's released "d26" model (docs/paper.md), our BERT against transformers', and a
 pruning training step against a dense one.
 
     python bench.py                   # everything this machine can run (CPU, and GPU if there is one)
@@ -31,19 +31,11 @@ from bert import BertConfig, BertForQuestionAnswering
 
 BASE = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                   intermediate_size=3072)
-# the released x2.44-f87.7-d26 model (METHOD.md): heads and FFN width kept in layers 0..11
+# the released x2.44-f87.7-d26 model (docs/paper.md): heads and FFN width kept in layers 0..11
 D26 = replace(BASE, num_attention_heads=[4, 4, 6, 7, 7, 5, 6, 7, 5, 5, 5, 3], attention_head_size=64,
               intermediate_size=[552, 717, 795, 789, 833, 792, 620, 466, 283, 112, 96, 238])
 REFERENCE_SPEEDUP = 2.44  # what the paper's implementation measured for d26 on an RTX 3090
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def encoder_flops(config, T):
-    """FLOPs (2 x multiply-adds) of the encoder for one sequence of T tokens: Q, K, V and output
-    projections, QK^T and attention x V, FFN in and out."""
-    h, hs = config.hidden_size, config.attention_head_size
-    return sum(2 * T * 4 * n * hs * h + 2 * 2 * T * T * n * hs + 2 * T * 2 * f * h
-               for n, f in zip(config.num_attention_heads, config.intermediate_size))
 
 
 def transformers_twin(model):
@@ -132,7 +124,7 @@ def bench_inference(device, dtype, B, T, reps, warmup):
     t = timeit({k: run(f) for k, f in fns.items()}, reps, warmup, device)
     row = {"what": "inference", "device": device.type, "dtype": dtype, "batch": B, "seq": T, "seconds": t,
            "d26 speed-up": t["ours dense"] / t["ours d26"],
-           "flop bound": encoder_flops(BASE, T) / encoder_flops(D26, T)}
+           "flop bound": bp.encoder_flops(BASE, T) / bp.encoder_flops(D26, T)}
     if hf_dense is not None:
         row["ours over transformers, dense"] = t["transformers dense"] / t["ours dense"]
         row["ours over transformers, d26"] = t["transformers d26"] / t["ours d26"]
@@ -147,8 +139,8 @@ STEPS = ("ours dense", "transformers dense", "ours d26", "transformers d26", "ou
 def training_step(variant, device, dtype, B, T):
     """One training step (forward, backward, AdamW) of a variant, as a function; None for transformers'
     when it is not installed. Fine-tuning (dense or d26, ours or transformers') takes the usual
-    start/end cross-entropy; pruning (masks, regulariser, distillation) takes the teacher's logits,
-    given or computed by a teacher forward in the step."""
+    start/end cross-entropy; pruning (masks, regulariser, distillation) takes the teacher's logits, cached
+    ("ours prune", as train_squad.py does by default) or computed by a teacher forward in the step."""
     x = inputs(B, T, device)
     pos = torch.randint(0, T, (2, B), generator=torch.Generator().manual_seed(1)).to(device)
     model = build(D26 if "d26" in variant else BASE, device).train()
@@ -198,7 +190,8 @@ def bench_training(device, dtype, B, T, reps, warmup, memory=True):
     t = timeit({k: f for k, f in fns.items() if f is not None}, reps, warmup, device)
     del fns
     row = {"what": "training step", "device": device.type, "dtype": dtype, "batch": B, "seq": T, "seconds": t,
-           "prune over dense": t["ours prune"] / t["ours dense"]}
+           "prune over dense": t["ours prune"] / t["ours dense"],
+           "prune + teacher forward over dense": t["ours prune + teacher"] / t["ours dense"]}
     if "transformers dense" in t:
         row["ours over transformers, dense"] = t["transformers dense"] / t["ours dense"]
         row["ours over transformers, d26"] = t["transformers d26"] / t["ours d26"]
@@ -251,7 +244,7 @@ def bench_dev_evaluation(device, dtype, dev_file, vocab, windows, reps):
 
 # ---- the report -----------------------------------------------------------------------------------
 
-TARGETS = [  # (what, device, key, at least / at most, value): issue 4's targets
+TARGETS = [  # (what, device, key, at least / at most, value, batch): the speed targets set for this project
     ("inference", "cpu", "d26 speed-up", ">=", 3.4, 8),
     ("inference", "cuda", "d26 speed-up", ">=", 3.0, 128),
     ("inference", None, "ours over transformers, dense", ">=", 1.0, None),
@@ -288,10 +281,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="length 128, small batches, fewer repeats, no memory: "
                    "about a minute on 2 CPU cores")
     p.add_argument("--json", metavar="PATH", help="save the rows as JSON")
+    # the data files are not in the repository (README.md says where to get them); without them the dev
+    # evaluation is skipped
     shared = Path(os.environ.get("BLOCKPRUNE_SHARED", Path(__file__).resolve().parent.parent / "shared"))
     p.add_argument("--dev_file", default=str(shared / "squad/dev-v1.1.json"), help="SQuAD v1.1 dev JSON")
     p.add_argument("--vocab", default=str(shared / "models/all-MiniLM-L6-v2/vocab.txt"),
-                   help="bert-base-uncased's vocab.txt")
+                   help="bert-base-uncased's vocab.txt (the MiniLM checkpoint's is the same file)")
     p.add_argument("--eval_windows", type=int, help="dev windows to evaluate (default: all on GPU, 256 on CPU)")
     p.add_argument("--memory_of", help=argparse.SUPPRESS)  # the child process of peak_memory on CPU
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -306,8 +301,8 @@ def main(argv=None):
     reps, warmup = (2, 1) if args.quick else (5, 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"), flush=True)
-    print(f"FLOP bound of d26 at length 384: {encoder_flops(BASE, 384) / encoder_flops(D26, 384):.2f}x "
-          f"({encoder_flops(D26, 384) / 1e9:.1f} of {encoder_flops(BASE, 384) / 1e9:.1f} GFLOP); "
+    print(f"FLOP bound of d26 at length 384: {bp.encoder_flops(BASE, 384) / bp.encoder_flops(D26, 384):.2f}x "
+          f"({bp.encoder_flops(D26, 384) / 1e9:.1f} of {bp.encoder_flops(BASE, 384) / 1e9:.1f} GFLOP); "
           f"the reference implementation measured {REFERENCE_SPEEDUP}x", flush=True)
     rows = []
     cpu = torch.device("cpu")
@@ -331,9 +326,11 @@ def main(argv=None):
                                              vocab, windows, 1 if args.quick else 2))
             show(rows[-1])
     else:
-        print(f"dev evaluation skipped: no {args.dev_file} or {vocab} (--dev_file, --vocab)")
-    print("\n".join([f"targets{' (for length 384 and batch 8 on CPU: --quick only shows the way)' if args.quick else ''}:"]
-                    + verdicts(rows)))
+        print(f"dev evaluation skipped: no {args.dev_file} or {vocab}: pass --dev_file (dev-v1.1.json, from "
+              "https://rajpurkar.github.io/SQuAD-explorer/dataset/) and --vocab (bert-base-uncased's vocab.txt, "
+              "from the Hugging Face hub)")
+    note = " (for length 384 and batch 8 on CPU: --quick only shows the way)" if args.quick else ""
+    print("\n".join([f"targets{note}:"] + verdicts(rows)))
     if args.json:
         bert.atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
     return rows

@@ -40,6 +40,7 @@ class BertConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     initializer_range: float = 0.02
+    pad_token_id: int = 0  # [PAD]: its embedding gets no gradient (as in BERT and transformers)
 
     def __post_init__(self):
         if not self.attention_head_size:
@@ -64,7 +65,8 @@ class BertConfig:
 
     def to_dict(self):
         d = asdict(self)
-        if len(set(self.num_attention_heads)) == 1 and self.num_attention_heads[0] * self.attention_head_size == self.hidden_size:
+        if (len(set(self.num_attention_heads)) == 1
+                and self.num_attention_heads[0] * self.attention_head_size == self.hidden_size):
             d["num_attention_heads"] = self.num_attention_heads[0]  # uniform: stays readable by transformers
         if len(set(self.intermediate_size)) == 1:
             d["intermediate_size"] = self.intermediate_size[0]
@@ -91,13 +93,13 @@ class Layer(nn.Module):
         self.attn_dropout = config.attention_probs_dropout_prob
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, mask):
+    def forward(self, x, attend):
         B, T, _ = x.shape
         if self.heads:
             q, k, v = (lin(x).view(B, T, self.heads, self.head_size).transpose(1, 2)
                        for lin in (self.query, self.key, self.value))
-            # fused attention kernel (flash / memory-efficient on GPU); mask is (B, 1, 1, T) booleans
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+            # fused attention kernel (flash / memory-efficient on GPU); attend: (B, 1, 1, T) booleans, or None
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend,
                                                dropout_p=self.attn_dropout if self.training else 0.0)
             a = self.attn_out(a.transpose(1, 2).reshape(B, T, -1))
         else:
@@ -113,7 +115,8 @@ class BertForQuestionAnswering(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, h)
+        # padding_idx: the [PAD] row learns nothing from padded positions, whose logits the loss still sees
+        self.word_embeddings = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
         self.embeddings_ln = nn.LayerNorm(h, eps=config.layer_norm_eps)
@@ -132,19 +135,25 @@ class BertForQuestionAnswering(nn.Module):
             nn.init.zeros_(m.bias)
         if isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:  # else a bare IndexError from the embedding lookup
+            raise ValueError(f"sequences of {T} tokens, more than the model's max_position_embeddings "
+                             f"{self.config.max_position_embeddings}: shorten them (train_squad.py: --max_seq_length)")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         pos = torch.arange(T, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(pos)
+             + self.token_type_embeddings(token_type_ids))
         x = self.dropout(self.embeddings_ln(x))
-        # padding: every query may attend to the keys that are not padding (True = attend). Without
-        # padding no mask at all: SDPA then skips adding it to every score (transformers does the same)
-        mask = None if attention_mask is None or attention_mask.all() else attention_mask[:, None, None, :].bool()
+        # attention_mask (transformers' name): 1 for tokens, 0 for padding. Every query may attend to the keys
+        # that are not padding. Without padding, nothing: SDPA then adds no bias to every score (as transformers)
+        attend = None if attention_mask is None or attention_mask.all() else attention_mask[:, None, None, :].bool()
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, attend)
         start, end = self.qa_outputs(x).float().unbind(-1)
         return start, end
 
@@ -155,25 +164,30 @@ class BertForQuestionAnswering(nn.Module):
         """Load a Hugging Face BERT checkpoint (or one of ours) from a directory or a hub name."""
         d = resolve_checkpoint(name_or_dir, cache_dir)
         config_path = d / "config.json"
-        try:
-            config = BertConfig.from_dict(json.loads(config_path.read_text()))
-        except (OSError, ValueError, TypeError) as e:
+        try:  # a list, strings or negative sizes surface as TypeError, AttributeError or RuntimeError
+            model = cls(BertConfig.from_dict(json.loads(config_path.read_text())))
+        except (OSError, ValueError, TypeError, AttributeError, RuntimeError) as e:
             raise ValueError(f"{config_path}: not a usable BERT config ({e})") from None
-        model = cls(config)
         weights = d / "model.safetensors"
         if weights.exists():
             state = read_safetensors(weights)
         else:
             weights = d / "pytorch_model.bin"
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if not weights.exists():
+                raise FileNotFoundError(f"{d}: no weights (expected model.safetensors or pytorch_model.bin)")
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            except Exception as e:  # torch raises several kinds, some a page long that advise weights_only=False
+                raise ValueError(f"{weights}: not a readable PyTorch checkpoint (torch.load: {type(e).__name__}); "
+                                 f"cut off, or more than tensors in it?") from None
         model.load_hf_state_dict(state, source=str(weights))
         return model
 
     def load_hf_state_dict(self, state, source="state dict"):
         """Copy tensors named as in transformers' BertModel / BertForQuestionAnswering into this model;
-        report missing, unexpected and misshapen tensors by name."""
+        a mismatch is reported with counts, an example or two, and the config values the shapes contradict."""
         ours = self.state_dict()
-        loaded, unexpected, misshapen = set(), [], []
+        loaded, unexpected, misshapen = set(), [], {}
         for k, v in state.items():
             name = from_hf_name(k)
             if name is None:
@@ -181,17 +195,36 @@ class BertForQuestionAnswering(nn.Module):
             if name not in ours:
                 unexpected.append(k)
             elif ours[name].shape != v.shape:
-                misshapen.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(ours[name].shape)}")
+                misshapen[name] = (k, tuple(v.shape))
             else:
                 ours[name].copy_(v)
                 loaded.add(name)
-        missing = [k for k in ours if k not in loaded]
+        missing = [to_hf_name(k) for k in ours if k not in loaded and k not in misshapen]
         if missing == ["qa_outputs.weight", "qa_outputs.bias"]:
             log(f"{source}: no QA head in the checkpoint; qa_outputs initialised at random")
             missing = []
         if missing or unexpected or misshapen:
-            raise ValueError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}, "
-                             f"shape mismatch {misshapen}")
+            # a config of another model differs in most tensors: count them, show one or two, and name the
+            # config values behind the dimensions that differ (the layer count from the layer indices)
+            c, hints = self.config, {}
+            n = 1 + max((int(m.split(".")[1]) for m in map(from_hf_name, state) if m and m.startswith("layers.")),
+                        default=-1)
+            if n and n != c.num_hidden_layers:
+                hints["num_hidden_layers"] = (c.num_hidden_layers, n)
+            for name, (_, shape) in misshapen.items():
+                for dim, (want, got) in enumerate(zip(ours[name].shape, shape)):
+                    if want != got and (field := _config_field(name, dim)):
+                        hints.setdefault(field, (want, got))
+            hints = sorted(hints.items(), key=lambda h: h[0] != "hidden_size")[:3]  # hidden_size changes all others
+            parts = []
+            if misshapen:
+                ex = [f"{k}: {got} in the file, {tuple(ours[m].shape)} expected" for m, (k, got) in misshapen.items()]
+                parts.append(f"{len(ex)} tensors of another shape (e.g. {'; '.join(ex[:2])})")
+            for what, names in (("missing", missing), ("unexpected", unexpected)):
+                if names:
+                    parts.append(f"{len(names)} {what} (e.g. {names[0]})")
+            raise ValueError(f"{source} does not fit the model of its config: {', '.join(parts)}" + "".join(
+                f"; config says {f} {a}, the weights {b}" for f, (a, b) in hints))
 
     def save_pretrained(self, out_dir, vocab_file=None):
         """config.json + model.safetensors (Hugging Face names) + vocab.txt, each written atomically."""
@@ -253,6 +286,17 @@ def to_hf_name(k):
     raise KeyError(f"no transformers name for {k}")
 
 
+def _config_field(name, dim):
+    """The config value behind dimension dim of our tensor name (None for the QA head's 2 outputs)."""
+    kind = name.split(".")[-2]  # word_embeddings, query, ffn_in, qa_outputs...
+    heads = "num_attention_heads x attention_head_size"
+    if dim == 0:
+        return {"word_embeddings": "vocab_size", "position_embeddings": "max_position_embeddings",
+                "token_type_embeddings": "type_vocab_size", "query": heads, "key": heads, "value": heads,
+                "ffn_in": "intermediate_size", "qa_outputs": None}.get(kind, "hidden_size")
+    return {"attn_out": heads, "ffn_out": "intermediate_size"}.get(kind, "hidden_size")
+
+
 # ---- safetensors without the package: 8-byte header length, JSON header, raw little-endian bytes ----
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -265,9 +309,13 @@ def read_safetensors(path):
     data = path.read_bytes()
     try:
         (n,) = struct.unpack("<Q", data[:8])
+        if 8 + n > len(data):  # else a cut-off header that is still valid JSON ('{}') reads as no tensors
+            raise ValueError(f"the header length {n} runs past the end of the file, {len(data)} bytes")
         header = json.loads(data[8:8 + n])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (struct.error, ValueError) as e:
-        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     out, base = {}, 8 + n
     for name, t in header.items():
         if name == "__metadata__":
@@ -285,7 +333,8 @@ def read_safetensors(path):
 
 def write_safetensors(path, tensors):
     names = {v: k for k, v in _DTYPES.items()}
-    header, blobs, offset = {}, [], 0
+    # as the safetensors package writes it: transformers 4.x reads metadata.get("format") and fails without it
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for name, t in tensors.items():
         b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}

@@ -33,7 +33,8 @@ ATTENTION = ("query", "key", "value", "attn_out")  # the four attention matrices
 @dataclass
 class PruneConfig:
     block: str = "32x32"  # attention blocks: "RxC", "1x1" (unstructured), "row", "col" or "head"
-    mask: str = "sigmoid"  # "sigmoid": sigmoid(score) > threshold; "topk": keep the top (1 - threshold) of each matrix
+    # "sigmoid": keep a block while sigmoid(score) > threshold; "topk": the top (1 - threshold) of each matrix
+    pruning_method: str = "sigmoid"
     final_threshold: float = 0.1  # tau_f
     final_lambda: float = 20.0  # lambda_f; lambda(t) = lambda_f * tau(t) / tau_f
     attention_lambda: float = 1.0  # weight of the attention masks in the regulariser
@@ -41,17 +42,32 @@ class PruneConfig:
     warmup_steps: int = 0  # threshold 0 for these steps (the reference's "initial_warmup")
     ramp_steps: int = 1  # then the cubic rise; the threshold stays at tau_f afterwards ("final_warmup")
     target_density: float | None = None  # instead of tau_f: the threshold that keeps this density of linear params
+    target_speedup: float | None = None  # instead of tau_f: the threshold that keeps 1 / this of the encoder FLOPs
+    seq_len: int = 384  # the sequence length at which target_speedup counts FLOPs (--max_seq_length)
+    # "always": a head whose Q or K is all pruned gets its V masked too, in training as at evaluation, so it
+    # gets no task gradient and cannot come back; "eval": only when not training (as the reference, where
+    # such a head attends uniformly while training and its scores keep learning). Compaction always gates.
+    gate_dead_heads: str = "always"
 
     def __post_init__(self):
-        if self.mask not in ("sigmoid", "topk"):
-            raise ValueError(f"--mask: 'sigmoid' or 'topk', got {self.mask!r}")
+        if self.pruning_method not in ("sigmoid", "topk"):
+            raise ValueError(f"--pruning_method: 'sigmoid' or 'topk', got {self.pruning_method!r}")
+        if self.gate_dead_heads not in ("always", "eval"):
+            raise ValueError(f"--gate_dead_heads: 'always' or 'eval', got {self.gate_dead_heads!r}")
         if not 0 <= self.final_threshold < 1:
             raise ValueError(f"--final_threshold must be in [0, 1), got {self.final_threshold}")
         if self.target_density is not None:
             if not 0 < self.target_density <= 1:
                 raise ValueError(f"--target_density must be in (0, 1], got {self.target_density}")
-            if self.mask != "sigmoid":
-                raise ValueError("--target_density needs --mask sigmoid")
+            if self.pruning_method != "sigmoid":
+                raise ValueError("--target_density needs --pruning_method sigmoid")
+        if self.target_speedup is not None:
+            if not self.target_speedup >= 1:
+                raise ValueError(f"--target_speedup must be at least 1, got {self.target_speedup}")
+            if self.target_density is not None:
+                raise ValueError("--target_density and --target_speedup exclude each other: give one")
+            if self.pruning_method != "sigmoid":
+                raise ValueError("--target_speedup needs --pruning_method sigmoid")
 
 
 # ---- 1. blocks and scores --------------------------------------------------------------------
@@ -87,11 +103,13 @@ def expand(block_mask, weight_shape):
 
 # ---- 2. masks --------------------------------------------------------------------------------
 
-def binarize(scores, threshold, mask="sigmoid"):
+def binarize(scores, threshold, pruning_method="sigmoid"):
     """0/1 mask with a straight-through gradient: d mask / d scores = 1 (Sanh et al. 2020, Sec. 4).
+    This is what makes it *movement* pruning: a score's gradient is then the sum over its block of
+    W * dL/d(W * M), so a block's score grows while its weights move away from zero, and shrinks otherwise.
     sigmoid: keep where sigmoid(score) > threshold (threshold 0 keeps everything).
     topk: keep the ceil((1 - threshold) * n) highest scores."""
-    if mask == "sigmoid":
+    if pruning_method == "sigmoid":
         hard = (torch.sigmoid(scores) > threshold).to(scores.dtype)
     else:
         k = math.ceil((1 - threshold) * scores.numel())
@@ -132,23 +150,27 @@ class MaskedBert(nn.Module):
                 self.scores[f"layer{i}_{name}"] = nn.Parameter(torch.zeros(w.shape[0] // bh, w.shape[1] // bw))
             self.scores[f"layer{i}_ffn"] = nn.Parameter(torch.zeros(layer.ffn_in.out_features))
 
-    def masks(self, threshold=None):
-        """{parameter name: mask of its shape} for the weights and biases of every masked Linear."""
+    def masks(self, threshold=None, gate=None):
+        """{parameter name: mask of its shape} for the weights and biases of every masked Linear. The V rows of
+        heads with no Q or K left are masked when `gate` (default: per config.gate_dead_heads) and always
+        before the biases are masked, so that their biases go too and compaction can drop such heads."""
         tau = self.threshold if threshold is None else threshold
+        gating = self.config.gate_dead_heads == "always" or not self.training if gate is None else gate
         out = {}
         for i, layer in enumerate(self.model.layers):
-            m = {name: expand(binarize(self.scores[f"layer{i}_{name}"], tau, self.config.mask),
+            m = {name: expand(binarize(self.scores[f"layer{i}_{name}"], tau, self.config.pruning_method),
                               getattr(layer, name).weight.shape) for name in ATTENTION}
-            if layer.heads:  # switch off heads with no query or key left, by masking their values
+            if layer.heads and gating:  # switch off heads with no query or key left, by masking their values
                 gate = any_per_head(m["query"], layer.heads) & any_per_head(m["key"], layer.heads)
                 m["value"] = m["value"] * gate.repeat_interleave(layer.head_size).to(m["value"].dtype)[:, None]
             # hybrid FFN: one score per unit, shared by its FFN-in row and its FFN-out column
-            u = binarize(self.scores[f"layer{i}_ffn"], tau, self.config.mask)
+            u = binarize(self.scores[f"layer{i}_ffn"], tau, self.config.pruning_method)
             m["ffn_in"] = u[:, None].expand(layer.ffn_in.weight.shape)
             m["ffn_out"] = u[None, :].expand(layer.ffn_out.weight.shape)
             for name, mask in m.items():
                 out[f"layers.{i}.{name}.weight"] = mask
-                out[f"layers.{i}.{name}.bias"] = (mask.detach() != 0).any(1).to(mask.dtype)  # a row with no weight left gets no bias
+                # a row with no weight left gets no bias
+                out[f"layers.{i}.{name}.bias"] = (mask.detach() != 0).any(1).to(mask.dtype)
         return out
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -159,7 +181,7 @@ class MaskedBert(nn.Module):
     def structure(self, threshold=None):
         """What the masks leave: per layer heads and FFN units alive, and the density of the linear
         weights before compaction (zeros counted out) and after it (zeros inside survivors counted in)."""
-        m = self.masks(threshold)
+        m = self.masks(threshold, gate=True)
         heads, units, attn, ffn = [], [], 0, 0
         for i, layer in enumerate(self.model.layers):
             heads.append(int(heads_alive({n: m[f"layers.{i}.{n}.weight"] for n in ATTENTION}, layer.heads).sum())
@@ -183,12 +205,43 @@ def linear_params(config):
     return sum(4 * n * hs * h + 2 * f * h for n, f in zip(config.num_attention_heads, config.intermediate_size))
 
 
+@torch.no_grad()
+def heads_alive_at(masked, threshold):
+    """(all heads,) booleans, layer after layer: the heads that compaction would keep at this threshold."""
+    alive = []
+    for i, layer in enumerate(masked.model.layers):
+        if layer.heads:
+            m = {n: expand(binarize(masked.scores[f"layer{i}_{n}"].detach(), threshold, masked.config.pruning_method),
+                           getattr(layer, n).weight.shape) for n in ATTENTION}
+            alive.append(heads_alive(m, layer.heads))
+    return torch.cat(alive) if alive else torch.zeros(0, dtype=torch.bool)
+
+
+# ---- cost model: the FLOPs of a structure (--target_speedup, the report, bench.py) -------------------
+
+def head_and_unit_flops(config, T):
+    """(FLOPs of one attention head, of one FFN unit) for one sequence of T tokens, a FLOP being half a
+    multiply-add. A head: its rows of Q, K, V and its columns of the output projection (4 T hs h multiply-adds),
+    QK^T and attention x V (2 T^2 hs); a unit: its FFN-in row and FFN-out column (2 T h). Biases, softmax, GELU,
+    LayerNorms, embeddings and the QA head are left out (under 1 % of BERT-base's at T = 384): every FLOP counted
+    belongs to a head or a unit, so pruning can remove all of them and the predicted speed-up is the ratio."""
+    h, hs = config.hidden_size, config.attention_head_size
+    return 2 * (4 * T * hs * h + 2 * T * T * hs), 2 * 2 * T * h
+
+
+def encoder_flops(config, T):
+    """The encoder's FLOPs for one sequence of T tokens: 70.7 G for BERT-base at T = 384, 19.5 G for the
+    paper's d26 structure (3.62x fewer, against the 2.44x the paper measured on a GPU)."""
+    head, unit = head_and_unit_flops(config, T)
+    return head * sum(config.num_attention_heads) + unit * sum(config.intermediate_size)
+
+
 # ---- 3. schedule and regulariser ---------------------------------------------------------------
 
 def ramp(step, config):
     """0 during warm-up, then 1 - (1 - p)^3 over the ramp (p: the fraction of it done), then 1: the
     cubic schedule of Zhu & Gupta 2018, as used by the paper. Threshold, lambda and (with
-    target_density) the density all follow it."""
+    target_density or target_speedup) the fraction kept all follow it."""
     if step < config.warmup_steps:
         return 0.0
     p = min(1.0, (step - config.warmup_steps) / max(1, config.ramp_steps))
@@ -206,34 +259,43 @@ def lambda_schedule(step, config):
 
 
 def density_schedule(step, config):
-    """With target_density: the density of linear parameters to keep at a step, from 1 down to the target."""
-    return 1 - (1 - config.target_density) * ramp(step, config)
+    """With target_density: the density of linear parameters to keep at a step, from 1 down to the target.
+    With target_speedup S: the fraction of the encoder's FLOPs to keep (at seq_len), from 1 down to 1 / S on
+    the same ramp. The FLOPs removed follow the cubic ramp, as the parameters do with target_density; the
+    scheduled speed-up, 1 / that fraction, thus goes from 1x to S, and half-way up the ramp S = 3 is at 2.4x."""
+    target = config.target_density if config.target_speedup is None else 1 / config.target_speedup
+    return 1 - (1 - target) * ramp(step, config)
 
 
 @torch.no_grad()
-def death_thresholds(masked):
-    """(thresholds, sizes): for every head and FFN unit, the threshold above which it is pruned and
-    the linear parameters it holds. A head lives while each of its Q, K, V and output matrices keeps
-    a block, i.e. while tau is below the smallest of the four matrices' best sigmoid(score) in it."""
+def death_thresholds(masked, seq_len=None):
+    """(thresholds, sizes): for every head and FFN unit, the threshold above which it is pruned and its
+    size: the linear parameters it holds, or with seq_len its FLOPs for a sequence of that length. A head lives
+    while each of its Q, K, V and output matrices keeps a block, i.e. while tau is below the smallest of the
+    four matrices' best sigmoid(score) in it."""
+    c = masked.model.config
+    head, unit = (head_and_unit_flops(c, seq_len) if seq_len else (4 * c.attention_head_size * c.hidden_size,
+                                                                    2 * c.hidden_size))
     ts, ns = [], []
     for i, layer in enumerate(masked.model.layers):
-        hidden, u = layer.ffn_in.in_features, torch.sigmoid(masked.scores[f"layer{i}_ffn"].float())
+        u = torch.sigmoid(masked.scores[f"layer{i}_ffn"].float())
         if layer.heads:
             h, rows = torch.ones(layer.heads, device=u.device), layer.heads * layer.head_size
             for name in ATTENTION:
                 s = torch.sigmoid(masked.scores[f"layer{i}_{name}"].float())
                 s = s.t() if name == "attn_out" else s  # a head is a band of columns of the output matrix
                 h = torch.minimum(h, s.repeat_interleave(rows // s.shape[0], 0).reshape(layer.heads, -1).amax(1))
-            ts.append(h), ns.append(torch.full_like(h, 4 * layer.head_size * hidden))
-        ts.append(u), ns.append(torch.full_like(u, 2 * hidden))
+            ts.append(h), ns.append(torch.full_like(h, head, dtype=torch.float64))
+        ts.append(u), ns.append(torch.full_like(u, unit, dtype=torch.float64))
     return torch.cat(ts), torch.cat(ns)
 
 
-def threshold_for_density(masked, density):
+def threshold_for_density(masked, density, seq_len=None):
     """The threshold at which the compacted model keeps the density of linear parameters closest to
-    `density`: heads and units live in the order of their death thresholds (a weighted quantile),
-    so it is off by at most half a head's or unit's parameters (of heads sharing a block, when blocks span heads)."""
-    t, n = death_thresholds(masked)
+    `density` (with seq_len: the fraction of the encoder's FLOPs at that length, 1 / the speed-up): heads and
+    units live in the order of their death thresholds (a weighted quantile), so it is off by at most half a
+    head's or unit's parameters or FLOPs (of heads sharing a block, when blocks span heads)."""
+    t, n = death_thresholds(masked, seq_len)
     order = t.argsort(descending=True)
     t, n = t[order], n[order]
     kept = torch.cat([n.new_zeros(1), n.cumsum(0)]) / n.sum()  # kept[j]: the density when the top j live
@@ -243,14 +305,34 @@ def threshold_for_density(masked, density):
 
 
 def schedule(step, masked):
-    """(threshold, lambda) at a training step. With target_density the threshold is not tau_f * ramp
-    but the one that keeps the scheduled density, whatever the scores have learnt: lambda then only
-    shapes which blocks win, never how many, and needs no tuning."""
+    """(threshold, lambda) at a training step. With target_density (target_speedup) the threshold is not
+    tau_f * ramp but the one that keeps the scheduled density (FLOP fraction), whatever the scores have learnt:
+    lambda then only shapes which blocks win, never how many, and needs no tuning."""
     c = masked.config
     tau = threshold_schedule(step, c)
-    if c.target_density is not None:
-        tau = threshold_for_density(masked, density_schedule(step, c))
+    if c.target_density is not None or c.target_speedup is not None:
+        tau = threshold_for_density(masked, density_schedule(step, c), c.seq_len if c.target_speedup else None)
     return tau, lambda_schedule(step, c)
+
+
+def end_of_schedule(masked, total_steps):
+    """After the last step the threshold of the schedule's end becomes the final one, in the config saved
+    with the scores, so that evaluation and compaction use it (with target_density: the threshold found
+    for the target, not tau_f)."""
+    masked.threshold = schedule(total_steps, masked)[0]
+    masked.config = replace(masked.config, final_threshold=masked.threshold)
+
+
+@torch.no_grad()
+def score_stats(masked):
+    """((mean, std) of the attention scores, (mean, std) of the FFN scores): whether the regulariser or the
+    task gradient has the upper hand shows in how far and how unevenly the scores move from 0."""
+    out = []
+    for ffn in (False, True):
+        s = [v.flatten() for k, v in masked.scores.items() if k.endswith("_ffn") == ffn]
+        s = torch.cat(s) if s else torch.zeros(1)
+        out.append((s.mean().item(), s.std(correction=0).item()))
+    return out
 
 
 def regularization(masked):
@@ -287,8 +369,13 @@ def param_groups(masked, lr, scores_lr, weight_decay=0.0):
 def compact(masked):
     """Bake the masks (at the final threshold) into the weights and cut out what they killed: heads
     that no longer change the output and FFN units whose row and column are masked. The result is a
-    plain BertForQuestionAnswering with per-layer head counts and FFN widths; a layer may keep 0 heads."""
-    model, m = masked.model, masked.masks(masked.config.final_threshold)
+    plain BertForQuestionAnswering with per-layer head counts and FFN widths; a layer may keep 0 heads.
+    Why its outputs equal the masked model's exactly: a head with no Q or K left would attend uniformly
+    and add the mean of its V, so `masks` gates it off through its V (and must do so before it masks
+    the biases, so that the V biases go too); a head with no V or no output columns adds nothing; and
+    the biases of removed rows are already zero in the masked model. An FFN unit's row and column
+    share one mask, bias included, so a dead unit adds nothing either."""
+    model, m = masked.model, masked.masks(masked.config.final_threshold, gate=True)
     baked = {k: v * m[k] if k in m else v for k, v in model.state_dict().items()}
     s = masked.structure(masked.config.final_threshold)
     small = BertForQuestionAnswering(replace(model.config, num_attention_heads=s["heads"], intermediate_size=s["ffn"]))
@@ -322,16 +409,19 @@ def fill(model, noise=0.01, generator=None):
     return model
 
 
-def report(model, dense_config):
-    """Per layer heads and FFN width kept, linear parameters kept (of the dense model's), total parameters."""
+def report(model, dense_config, seq_len=384):
+    """Per layer heads and FFN width kept, linear parameters kept (of the dense model's), total parameters, and
+    the encoder's FLOPs for one sequence of seq_len tokens: the dense model's over these is the predicted speed-up."""
     c = model.config
     rows = [{"layer": i, "heads": n, "ffn": f,
              "linear_params": 4 * n * c.attention_head_size * c.hidden_size + 2 * f * c.hidden_size}
             for i, (n, f) in enumerate(zip(c.num_attention_heads, c.intermediate_size))]
     kept, dense = linear_params(c), linear_params(dense_config)
+    flops, flops_dense = encoder_flops(c, seq_len), encoder_flops(dense_config, seq_len)
     return {"layers": rows, "heads": sum(c.num_attention_heads), "heads_dense": sum(dense_config.num_attention_heads),
             "linear_params": kept, "linear_params_dense": dense, "linear_density": kept / dense,
-            "total_params": model.num_parameters()}
+            "total_params": model.num_parameters(), "seq_len": seq_len, "flops": flops, "flops_dense": flops_dense,
+            "predicted_speedup": flops_dense / max(1, flops)}
 
 
 def format_report(r):
@@ -339,11 +429,14 @@ def format_report(r):
     lines += [f"{x['layer']:>5} {x['heads']:>6} {x['ffn']:>5} {x['linear_params']:>14,}" for x in r["layers"]]
     lines.append(f"total {r['heads']:>6}/{r['heads_dense']}  linear params {r['linear_params']:,} of "
                  f"{r['linear_params_dense']:,} ({100 * r['linear_density']:.1f} %), all params {r['total_params']:,}")
+    lines.append(f"encoder at length {r['seq_len']}: {r['flops'] / 1e9:.3g} of {r['flops_dense'] / 1e9:.3g} GFLOP, "
+                 f"predicted speed-up {r['predicted_speedup']:.2f}x")
     return "\n".join(lines)
 
 
-def plot_report(r, path):
-    """Bars of heads and FFN width per layer, as a PNG; skipped (returns False) without matplotlib."""
+def plot_report(r, path, speedup=None):
+    """Bars of heads and FFN width per layer, as a PNG, titled with the predicted speed-up (and the measured
+    one, when given); skipped (returns False) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -356,7 +449,8 @@ def plot_report(r, path):
     a.set(title="attention heads kept", xlabel="layer")
     b.bar(layers, [x["ffn"] for x in r["layers"]], color="tab:orange")
     b.set(title="FFN units kept", xlabel="layer")
-    fig.suptitle(f"{100 * r['linear_density']:.1f} % of linear parameters kept")
+    fig.suptitle(f"{100 * r['linear_density']:.1f} % of linear parameters kept; speed-up {r['predicted_speedup']:.2f}x"
+                 " predicted (FLOPs)" + (f", {speedup:.2f}x measured" if speedup else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -375,12 +469,18 @@ def load_masked(path):
     path = Path(path)
     if not (path / "scores.safetensors").exists():
         raise FileNotFoundError(f"{path}: no scores.safetensors: not a pruned (masked) checkpoint")
-    config = PruneConfig(**json.loads((path / "prune_config.json").read_text()))
+    try:
+        config = PruneConfig(**json.loads((path / "prune_config.json").read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:  # not JSON, not an object, a key this version does not know
+        raise ValueError(f"{path / 'prune_config.json'}: not a usable prune config ({e})") from None
     masked = MaskedBert(BertForQuestionAnswering.from_pretrained(path), config)
     scores = read_safetensors(path / "scores.safetensors")
-    if scores.keys() != masked.scores.keys():
-        raise ValueError(f"{path / 'scores.safetensors'}: scores {sorted(set(scores) ^ set(masked.scores))} "
-                         f"do not fit the model")
+    # another model's scores, or another --block's, would fail in copy_ below, or list every name
+    ours, theirs = ({k: tuple(v.shape) for k, v in s.items()} for s in (masked.scores, scores))
+    if bad := sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)):
+        raise ValueError(f"{path / 'scores.safetensors'}: {len(bad)} scores do not fit the model and "
+                         f"prune_config.json (e.g. {bad[0]}: {theirs.get(bad[0], 'missing')} in the file, "
+                         f"{ours.get(bad[0], 'none')} expected)")
     with torch.no_grad():
         for k, v in scores.items():
             masked.scores[k].copy_(v)

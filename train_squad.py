@@ -5,15 +5,16 @@ SQuAD v1.1 with block movement pruning: data, training (dense / prune / fill), e
     python train_squad.py --preset small    # the whole pipeline offline on CPU in about a minute
     python train_squad.py --score PREDICTIONS.json --dev_file dev-v1.1.json   # the official metric
 
-Data section, top to bottom:
-- squad_file / load_squad: find (or download) a SQuAD v1.1 JSON file and flatten it to one dict per
-  question, with clear errors for malformed files.
-- load_tokenizer / featurize / cached_features: BERT WordPiece with the tokenizers library and the
-  windowing of transformers' run_qa.py (METHOD.md, "Evaluation details to match"), cached on disk.
-- postprocess: window logits -> one answer text per question.
-- normalize_answer / f1_score / exact_match / squad_evaluate / score_main: the official v1.1 metric.
-Then the training loop (train), evaluation (predict, evaluate), the stages (finetune, prune, compact,
-fill, eval, all) and the command line. The pruning method itself is all in blockprune.py.
+Top to bottom:
+- train: the training loop shared by fine-tuning, pruning (with distillation) and filling; qa_loss.
+- the stages: finetune, prune (with the teacher's logits cached), compact, fill, eval, all (the paper's
+  recipe end to end, one or several targets) and prune_config, where the schedule is set in steps.
+- predict / evaluate: logits for every window, then answers and the official EM/F1.
+- load_checkpoint; the SQuAD data: squad_file / load_squad (find or download a file, one dict per question),
+  load_tokenizer / featurize / cached_features (WordPiece and the windowing of transformers' run_qa.py,
+  cached on disk), postprocess (window logits -> one answer per question) and the official v1.1 metric.
+- the command line (presets, flags), then the plumbing of the loop (batches, progress, resume, torchrun,
+  stop signals), which a first read can skip. The pruning method itself is all in blockprune.py.
 """
 import argparse
 import contextlib
@@ -28,7 +29,6 @@ import string
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 
@@ -42,10 +42,411 @@ import bert
 import blockprune as bp
 from bert import DATA_DIR, BertConfig, BertForQuestionAnswering, atomic_write, download, log
 
+# ---- the training loop -----------------------------------------------------------------------------
+
+def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teacher=None, prune=None, dev=None):
+    """One training stage: fine-tuning (no teacher), distillation (the teacher's logits in `features`, or
+    a teacher model) or pruning (and a PruneConfig, its schedule already in steps). Returns the model,
+    or the MaskedBert when pruning. dev = (examples, features) is scored every --eval_steps. Resuming,
+    torchrun and stop signals live in small helpers at the end of this file."""
+    total, accum = max(1, round(epochs * steps_per_epoch(args, features))), args.gradient_accumulation_steps
+    net = bp.MaskedBert(model, prune) if prune else model
+    net.to(args.device).train()
+    groups = (bp.param_groups(net, lr, args.mask_scores_learning_rate, args.weight_decay) if prune else
+              [{"params": list(net.parameters()), "lr": lr, "weight_decay": args.weight_decay}])
+    opt = torch.optim.AdamW(groups, eps=1e-8)
+    # linear warm-up then linear decay to 0, every group alike
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(1, warmup_steps),
+                                                                 max(0.0, (total - s) / max(1, total - warmup_steps))))
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.precision == "fp16")
+    state = TrainingState(out_dir / "training_state.pt", net, opt, sched, scaler)
+    step = state.load(args.device, stage) if args.resume else 0
+    forward = ddp(net)  # under torchrun: each process takes its share of a batch, gradients are averaged
+    if teacher is not None:
+        teacher.to(args.device).eval()
+    progress = Progress(args, stage, total, net if prune else None)
+    with stop_signals(stage) as stop:
+        while step < total:
+            if prune:  # the threshold tau(t) and lambda(t) of this step (Sec. 3)
+                net.threshold, lam = bp.schedule(step, net)
+            for micro in range(accum):
+                batch = get_batch(args, features, step, micro)
+                with autocast(args):
+                    start, end = forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                    loss = qa_loss(args, start, end, batch, teacher)
+                    if prune and lam > 0:
+                        loss = loss + lam * bp.regularization(net)
+                check_finite(loss, stage, step, state.path)
+                scaler.scale(loss / accum).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            progress.step(step, loss, sched.get_last_lr()[0])
+            if args.save_steps and step % args.save_steps == 0:
+                state.save(step)
+            if dev and args.eval_steps and step % args.eval_steps == 0 and step < total and not get_rank():
+                m = squad_evaluate(dev[0], postprocess(dev[0], dev[1], *predict(args, net, dev[1])[:2],
+                                                       args.n_best_size, args.max_answer_length))
+                log(f"{stage} step {step}: dev EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
+                net.train()
+            if all_stopping(stop, args.device):  # SIGTERM or Ctrl-C: keep this step's state, then leave
+                state.save(step)
+                raise SystemExit(f"{stage}: stopped by {stop[0] if stop else 'a signal to another process'} after "
+                                 f"step {step}; the state is in {state.path}: run the same command with --resume")
+    if args.save_steps:
+        state.save(step)
+    if prune:  # evaluation and compaction use the threshold of the end of the schedule
+        bp.end_of_schedule(net, total)
+    return net.eval()
+
+
+def qa_loss(args, start, end, batch, teacher=None):
+    """Cross-entropy of the answer's start and end (fine-tuning), or, with a teacher, the distillation loss
+    of Sec. 4 against the teacher's logits: cached in the batch (the teacher is frozen, so they never change),
+    else computed here."""
+    start_pos, end_pos = batch["start_positions"], batch["end_positions"]
+    if "teacher_start" in batch:
+        t_start, t_end = batch["teacher_start"], batch["teacher_end"]
+    elif teacher is not None:
+        with torch.no_grad():
+            t_start, t_end = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    else:
+        return (F.cross_entropy(start, start_pos) + F.cross_entropy(end, end_pos)) / 2
+    return bp.distillation_loss(start, end, t_start, t_end, start_pos, end_pos, args.temperature,
+                                args.alpha_distil, args.alpha_ce)
+
+
+# ---- the stages ------------------------------------------------------------------------------------
+# Each stage reads its inputs from checkpoint directories and writes its own, so that any stage can be
+# run alone, and --stage all can skip the stages a killed run had already finished.
+
+def save_checkpoint(model, out, vocab, lowercase):
+    if isinstance(model, bp.MaskedBert):
+        bp.save_masked(model, out, vocab)
+    else:
+        model.save_pretrained(out, vocab)
+    atomic_write(out / "tokenizer_config.json", json.dumps({"do_lower_case": lowercase}).encode())
+
+
+def features_for(args, vocab, lowercase, split):
+    path = args.train_file if split == "train" else args.dev_file
+    return cached_features(path, vocab, lowercase, args.max_seq_length, args.doc_stride, split == "train")
+
+
+def stage_finetune(args, model_path, out):
+    model, vocab, lowercase = load_checkpoint(model_path)
+    _, features = features_for(args, vocab, lowercase, "train")
+    dev = features_for(args, vocab, lowercase, "dev")
+    steps = args.finetune_epochs * steps_per_epoch(args, features)
+    model = train(args, "finetune", model, features, args.finetune_epochs, args.learning_rate,
+                  round(args.warmup_ratio * steps), out, dev=dev)
+    if get_rank():
+        return None  # under torchrun the first process saves and evaluates
+    save_checkpoint(model, out, vocab, lowercase)
+    return evaluate(args, model, *dev, out, "finetune")
+
+
+def load_teacher(teacher_path, vocab):
+    if not teacher_path:  # '' (the small preset's) would read the current directory as a checkpoint
+        raise ValueError("--teacher: give the fine-tuned checkpoint to distil from ('' fine-tunes one only with "
+                         "--stage all)")
+    teacher, t_vocab, _ = load_checkpoint(teacher_path)
+    # the token lists as the tokenizer reads them (one a line, trailing white space dropped), not the bytes:
+    # CRLF line endings or a final newline change no token id
+    theirs, ours = ([t.rstrip() for t in Path(v).read_text(encoding="utf-8").removesuffix("\n").split("\n")]
+                    for v in (t_vocab, vocab))
+    if theirs != ours:
+        i = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        a, b = (repr(t[i]) if i < len(t) else "the end of the file" for t in (theirs, ours))
+        raise ValueError(f"--teacher {teacher_path}: its vocab {t_vocab} differs from the student's {vocab} at line "
+                         f"{i + 1}: {a} in the teacher's, {b} in the student's")
+    return teacher
+
+
+def teacher_logits(args, teacher_path, vocab, features):
+    """Distillation's targets. The teacher is frozen (eval mode, no dropout), so its start and end logits
+    for a training window never change: they are computed once, over the full padded windows, at the run's
+    precision, and kept beside the feature cache under a hash of the teacher's weights and the windows. A
+    trimmed batch takes their first n positions: a token's logits do not depend on the padding after it.
+    Adds them to `features` and returns None; with --no_teacher_cache returns the teacher, to run live."""
+    teacher = load_teacher(teacher_path, vocab)
+    if args.no_teacher_cache:
+        return teacher
+    windows = [features[k] for k in ("input_ids", "attention_mask", "token_type_ids")]
+    h = hashlib.sha256(repr((args.precision, type(teacher).__name__, windows[0].shape)).encode())
+    for t in [*teacher.state_dict().values(), *windows]:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    path = DATA_DIR / "cache" / f"teacher-logits-{h.hexdigest()[:24]}.pt"
+    if not get_rank() and read_teacher_logits(path, windows[0].shape) is None:
+        log(f"teacher logits: running {teacher_path} over the {len(windows[0])} training windows once")
+        start, end, seconds = predict(args, teacher, features, trim=False)
+        buf = io.BytesIO()
+        torch.save({"teacher_start": start, "teacher_end": end}, buf)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buf.getvalue())
+        log(f"teacher logits: {seconds:.0f} s in the model, kept in {path}")
+    barrier()  # under torchrun: the first process has written them
+    features.update(read_teacher_logits(path, windows[0].shape))
+    return None
+
+
+def read_teacher_logits(path, shape):
+    """The cached logits, or None when the file is missing, unreadable or not of these windows' shape."""
+    if not path.exists():
+        return None
+    try:
+        logits = torch.load(path, weights_only=True)
+        if all(logits[k].shape == shape for k in ("teacher_start", "teacher_end")):
+            return logits
+        log(f"{path}: cached teacher logits of another shape; computing them again")
+    except Exception as e:  # a truncated or foreign file: torch raises several kinds
+        log(f"{path}: unreadable cache ({e!r}); computing the teacher logits again")
+    return None
+
+
+def stage_prune(args, model_path, teacher_path, out):
+    model, vocab, lowercase = load_checkpoint(model_path)
+    _, features = features_for(args, vocab, lowercase, "train")
+    teacher = teacher_logits(args, teacher_path, vocab, features)
+    dev = features_for(args, vocab, lowercase, "dev")
+    prune = prune_config(args, steps_per_epoch(args, features))
+    masked = train(args, "prune", model, features, args.num_train_epochs, args.learning_rate, prune.warmup_steps, out,
+                   teacher, prune, dev)
+    if get_rank():
+        return None
+    save_checkpoint(masked, out, vocab, lowercase)
+    return evaluate(args, masked, *dev, out, "prune (masked)")
+
+
+def stage_compact(args, masked_path, out):
+    masked, vocab, lowercase = load_checkpoint(masked_path)
+    if not isinstance(masked, bp.MaskedBert):
+        raise ValueError(f"--model_name_or_path {masked_path}: compaction needs a pruned checkpoint "
+                         "(scores.safetensors)")
+    small = bp.compact(masked)
+    # the compacted model must answer as the masked one: check it on real dev windows
+    _, dev = features_for(args, vocab, lowercase, "dev")
+    few = {k: v[:8] for k, v in dev.items()}
+    fp32 = argparse.Namespace(**{**vars(args), "precision": "fp32"})
+    (a, b, _), (c, d, _) = predict(fp32, masked, few, trim=False), predict(fp32, small, few, trim=False)
+    diff = max((a - c).abs().max().item(), (b - d).abs().max().item())
+    save_checkpoint(small, out, vocab, lowercase)
+    r = bp.report(small, masked.model.config, args.max_seq_length)
+    r["max_logit_difference_from_masked"] = diff
+    atomic_write(out / "report.json", json.dumps(r, indent=2).encode())
+    bp.plot_report(r, out / "structure.png")
+    log(bp.format_report(r) + f"\ncompacted vs masked logits: max difference {diff:.2e}")
+    return r
+
+
+def stage_fill(args, compact_path, teacher_path, out):
+    model, vocab, lowercase = load_checkpoint(compact_path)
+    _, features = features_for(args, vocab, lowercase, "train")
+    teacher = teacher_logits(args, teacher_path, vocab, features)
+    bp.fill(model, noise=0.01, generator=torch.Generator().manual_seed(args.seed))
+    dev = features_for(args, vocab, lowercase, "dev")
+    model = train(args, "fill", model, features, args.fill_epochs, args.learning_rate, 10, out, teacher, dev=dev)
+    if get_rank():
+        return None
+    save_checkpoint(model, out, vocab, lowercase)
+    return evaluate(args, model, *dev, out, "fill")
+
+
+def stage_eval(args, model_path, out):
+    model, vocab, lowercase = load_checkpoint(model_path)
+    return evaluate(args, model, *features_for(args, vocab, lowercase, "dev"), out, "eval")
+
+
+def stage_all(args, out):
+    """The paper's recipe (docs/paper.md) end to end: teacher (fine-tuned here unless --teacher is given), prune with
+    distillation, compact, fill, evaluate; then the speed-up of the final model over the teacher.
+    Several --target_density (--target_speedup) values prune the same start once each, into output_dir/d<D> (s<S>x)."""
+    teacher = args.teacher
+    if not teacher:
+        teacher_metrics = once(args, out / "teacher", stage_finetune, args.model_name_or_path)
+        teacher = str(out / "teacher")
+    else:
+        teacher_metrics = once(args, out / "teacher", stage_eval, teacher)
+    key = "target_speedup" if args.target_speedup else "target_density"
+    targets = getattr(args, key) or [None]
+    runs = {}
+    for t in targets:
+        sub = out if len(targets) == 1 else out / (f"s{t:g}x" if args.target_speedup else f"d{100 * t:g}")
+        runs[sub.name] = prune_compact_fill(argparse.Namespace(**{**vars(args), key: t and [t]}), sub,
+                                            teacher, teacher_metrics)
+    if len(targets) > 1 and not get_rank():
+        plot_study(runs, out / "f1-speedup.png")
+    return runs[out.name] if len(targets) == 1 else runs
+
+
+# the paper's BERT-base points (docs/paper.md): (speed-up, F1 lost against its teacher, label)
+PAPER_POINTS = [(2.44, 88.5 - 87.71, "hybrid filled, d26"), (1.84, 88.5 - 88.72, "hybrid filled, d41"),
+                (3.64, 88.5 - 85.52, "struct, d14")]
+
+
+def plot_study(runs, path):
+    """F1 lost against the dense teacher, per speed-up: our pruned models, and the paper's for reference
+    (each against its own teacher, since the base models differ). PNG; skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ours = sorted((r["speedup"], r["teacher"]["f1"] - r["filled"]["f1"], name) for name, r in runs.items())
+    ax.plot([x for x, _, _ in ours], [y for _, y, _ in ours], "o-", label="ours (this study)")
+    ax.plot([x for x, _, _ in PAPER_POINTS], [y for _, y, _ in PAPER_POINTS], "s", label="paper, BERT-base (GPU)")
+    for x, y, name in ours + PAPER_POINTS:
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel="speed-up over the dense teacher", ylabel="F1 lost against the dense teacher")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def once(args, d, fn, *a):
+    """Run a stage into d, unless --resume and its metrics.json says an earlier run finished it."""
+    if (d / "metrics.json").exists() and args.resume:
+        log(f"{d}: done already, skipped")
+        return json.loads((d / "metrics.json").read_text())
+    result = fn(args, *a, d)
+    barrier()  # under torchrun: the first process has written d before the others read it
+    return result
+
+
+def prune_compact_fill(args, out, teacher, teacher_metrics):
+    results = {"teacher": teacher_metrics}
+    results["pruned"] = once(args, out / "pruned", stage_prune, args.model_name_or_path, teacher)
+    if not get_rank():
+        results["structure"] = stage_compact(args, out / "pruned", out / "compact")
+    barrier()
+    results["filled"] = once(args, out / "filled", stage_fill, str(out / "compact"), teacher)
+    if get_rank():
+        return None
+    dense, vocab, lowercase = load_checkpoint(teacher)
+    final = load_checkpoint(str(out / "filled"))[0]
+    _, dev = features_for(args, vocab, lowercase, "dev")
+    if args.speed_windows:
+        dev = {k: v[:args.speed_windows] for k, v in dev.items()}
+    # the two models take turns over the same padded dev windows; the fastest of 3 rounds each (machines are noisy)
+    t_dense, t_final = (min(ts) for ts in zip(*[(predict(args, dense, dev, trim=False)[2],
+                                                 predict(args, final, dev, trim=False)[2])
+                                                for _ in range(3)]))
+    results["speedup"] = t_dense / t_final
+    atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
+    s, r = results["filled"], results["structure"]
+    bp.plot_report(r, out / "compact" / "structure.png", results["speedup"])  # again, with the measured speed-up
+    log(f"final ({out}): F1 {s['f1']:.2f} EM {s['exact_match']:.2f} (teacher F1 {results['teacher']['f1']:.2f}), "
+        f"heads {r['heads']}/{r['heads_dense']}, linear params {100 * r['linear_density']:.1f} %, "
+        f"speed-up {results['speedup']:.2f}x over the teacher ({r['predicted_speedup']:.2f}x predicted from FLOPs) "
+        f"on {len(dev['input_ids'])} dev windows ({args.device.type})")
+    return results
+
+
+def prune_config(args, epoch_steps):
+    """The pruning run's PruneConfig, its schedule in steps (Sec. 3): --initial_warmup epochs at threshold 0,
+    a cubic ramp, --final_warmup epochs at the final threshold, over --num_train_epochs."""
+    total = max(1, round(args.num_train_epochs * epoch_steps))
+    return bp.PruneConfig(block=args.block, pruning_method=args.pruning_method, final_threshold=args.final_threshold,
+                          final_lambda=args.final_lambda, attention_lambda=args.attention_lambda,
+                          ffn_lambda=args.ffn_lambda, gate_dead_heads=args.gate_dead_heads,
+                          warmup_steps=round(args.initial_warmup * epoch_steps),
+                          ramp_steps=max(1, total - round((args.initial_warmup + args.final_warmup) * epoch_steps)),
+                          target_density=args.target_density[0] if args.target_density else None,
+                          target_speedup=args.target_speedup[0] if args.target_speedup else None,
+                          seq_len=args.max_seq_length)
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(args, model, features, trim=True):
+    """Start and end logits for every window, and the seconds spent in the model's forward passes
+    (synchronised on GPU). trim=True batches windows of similar length and cuts the padding (fast);
+    trim=False runs full padded batches in file order, the paper's way of timing the dev evaluation."""
+    model.to(args.device).eval()
+    N, L, B = *features["input_ids"].shape, args.per_device_eval_batch_size
+    order = features["attention_mask"].sum(1).argsort() if trim else torch.arange(N)
+    start, end = torch.full((N, L), float("-inf")), torch.full((N, L), float("-inf"))  # padding: never an answer
+    seconds = 0.0
+    for i in range(0, N, B):
+        idx = order[i:i + B]
+        ids, mask, types = batches(features, idx, args.device, trim=trim)
+        sync(args.device)
+        t = time.perf_counter()
+        with autocast(args):
+            s, e = model(ids, mask, types)
+        sync(args.device)
+        seconds += time.perf_counter() - t
+        start[idx, :s.shape[1]], end[idx, :e.shape[1]] = s.float().cpu(), e.float().cpu()
+    return start, end, seconds
+
+
+def evaluate(args, model, examples, features, out_dir, name):
+    """Dev EM/F1 with the official metric; predictions.json and metrics.json into out_dir (by the first
+    process only, under torchrun)."""
+    if get_rank():
+        return None
+    start, end, seconds = predict(args, model, features)
+    predictions = postprocess(examples, features, start, end, args.n_best_size, args.max_answer_length)
+    metrics = {**squad_evaluate(examples, predictions), "eval_seconds": seconds, "windows": len(start)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "predictions.json", json.dumps(predictions).encode())
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    # metrics.json marks the stage as finished: its training state (weights + AdamW, large) is no longer needed
+    (out_dir / "training_state.pt").unlink(missing_ok=True)
+    log(f"{name}: EM {metrics['exact_match']:.2f} F1 {metrics['f1']:.2f} ({seconds:.1f} s in the model)")
+    return metrics
+
+
+# ---- models ----------------------------------------------------------------------------------------
+
+def load_checkpoint(name):
+    """(model, vocab file, lowercase) from a checkpoint directory or hub name. A pruned checkpoint
+    (with scores.safetensors) comes back as a MaskedBert. "tiny" is the small preset's randomly
+    initialised 2-layer BERT over data/sample-vocab.txt."""
+    if name == "tiny":
+        vocab = DATA_DIR / "sample-vocab.txt"
+        n = len(vocab.read_text(encoding="utf-8").splitlines())
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=n, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
+                            intermediate_size=256, max_position_embeddings=128)
+        return BertForQuestionAnswering(config), vocab, True
+    d = bert.resolve_checkpoint(name)
+    model = bp.load_masked(d) if (d / "scores.safetensors").exists() else BertForQuestionAnswering.from_pretrained(d)
+    vocab = d / "vocab.txt"
+    if not vocab.exists():
+        raise FileNotFoundError(f"{d}: no vocab.txt beside the weights")
+    vocab_size = (model.model if isinstance(model, bp.MaskedBert) else model).config.vocab_size
+    try:
+        n_tokens = len(vocab.read_text(encoding="utf-8").splitlines())
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{vocab}: not UTF-8 text ({e})") from None
+    if vocab_size < n_tokens:
+        raise ValueError(f"{vocab} has more tokens than the model's vocab_size {vocab_size}")
+    tc = d / "tokenizer_config.json"
+    try:
+        lowercase = json.loads(tc.read_text(encoding="utf-8")).get("do_lower_case", True) if tc.exists() else True
+        if not isinstance(lowercase, bool):  # the tokenizers library takes nothing else
+            raise ValueError(f"do_lower_case is {lowercase!r}")
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+        raise ValueError(f"{tc}: expected a JSON object with do_lower_case true or false ({e})") from None
+    return model, vocab, lowercase
+
+
 # ---- the SQuAD v1.1 files ------------------------------------------------------------------------
 
 SQUAD_URLS = {
-    "train": ("https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json", "981b29407e0affa3b1b156f72073b945"),
+    "train": ("https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",
+              "981b29407e0affa3b1b156f72073b945"),
     "dev": ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552"),
 }
 
@@ -98,12 +499,16 @@ def load_squad(path):
                     ok = [{"text": t, "answer_start": s} for t, s in gold if context[s:s + len(t)] == t]
                     if len(ok) < len(gold):
                         bad.append(qa["id"])
+                    if not all(isinstance(x, str) for x in (qa["id"], qa["question"], context)):
+                        raise TypeError("id, question and context must be strings")  # else they fail far from here
                     examples.append({"id": qa["id"], "title": title, "question": qa["question"],
                                      "context": context, "answers": ok, "gold_texts": [t for t, _ in gold]})
     except KeyError as e:
         raise ValueError(f"{path}: {where}: missing {e}") from None
     except (TypeError, AttributeError) as e:
         raise ValueError(f"{path}: {where}: not SQuAD format ({e})") from None
+    if not examples:  # else it trains on nothing, or scores 0, without a word about the file
+        raise ValueError(f"{path}: no questions in it (expected SQuAD v1.1: data[].paragraphs[].qas[])")
     if bad:
         log(f"{path}: {len(bad)} questions have answer texts that do not match their context at "
             f"answer_start (those spans are not used for training), e.g. {', '.join(bad[:5])}")
@@ -207,6 +612,8 @@ def cached_features(examples_path, vocab_file, lowercase, max_seq_length, doc_st
     default) under a hash of everything that changes them."""
     examples_path = squad_file(examples_path)
     examples = load_squad(examples_path)
+    if train and not any(ex["answers"] for ex in examples):  # SQuAD v2's unanswerable questions, say
+        raise ValueError(f"{examples_path}: no question has an answer that matches its context: nothing to train on")
     h = hashlib.sha256()
     for part in (examples_path.read_bytes(), Path(vocab_file).read_bytes(),
                  repr((lowercase, max_seq_length, doc_stride, train, FEATURES_VERSION)).encode()):
@@ -230,7 +637,7 @@ def cached_features(examples_path, vocab_file, lowercase, max_seq_length, doc_st
 def postprocess(examples, features, start_logits, end_logits, n_best=20, max_answer_length=30):
     """{question id: answer text}: in each window the n_best start and n_best end tokens, every pair
     that lies in the context with start <= end and at most max_answer_length tokens, scored
-    start + end logit; the best pair over all windows of a question (METHOD.md, as run_qa.py)."""
+    start + end logit; the best pair over all windows of a question (docs/paper.md, as run_qa.py)."""
     start_logits, end_logits = start_logits.float().cpu(), end_logits.float().cpu()
     offsets = features["offsets"].cpu()
     k = min(n_best, start_logits.shape[1])
@@ -238,7 +645,8 @@ def postprocess(examples, features, start_logits, end_logits, n_best=20, max_ans
     e_val, e_idx = end_logits.topk(k, dim=1)
     score = s_val[:, :, None] + e_val[:, None, :]  # [N, k, k]: every start with every end
     length = e_idx[:, None, :] - s_idx[:, :, None] + 1
-    in_context = (offsets[:, :, 0] >= 0).gather(1, s_idx)[:, :, None] & (offsets[:, :, 0] >= 0).gather(1, e_idx)[:, None, :]
+    is_context = offsets[:, :, 0] >= 0
+    in_context = is_context.gather(1, s_idx)[:, :, None] & is_context.gather(1, e_idx)[:, None, :]
     score = score.masked_fill(~in_context | (length < 1) | (length > max_answer_length), float("-inf"))
     best, flat = score.flatten(1).max(1)  # best pair of each window
     s_best, e_best = s_idx.gather(1, flat[:, None] // k)[:, 0], e_idx.gather(1, flat[:, None] % k)[:, 0]
@@ -295,468 +703,29 @@ def squad_evaluate(examples, predictions):
 
 def score_main(predictions_path, dev_file):
     """As the official evaluate-v1.1.py: score a {question id: answer} JSON file, print one JSON line."""
-    predictions = json.loads(Path(predictions_path).read_text(encoding="utf-8"))
+    path = Path(predictions_path)
+    try:
+        predictions = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise OSError(f"--score {path}: {e.strerror or e}") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"--score {path}: not a JSON file ({e})") from None
+    # anything else would score 0 without a word (a list) or fail deep in the metric (an answer that is no text)
+    bad = [k for k, a in predictions.items() if not isinstance(a, str)] if isinstance(predictions, dict) else None
+    if bad is None or bad:
+        got = (f"a JSON {type(predictions).__name__}" if bad is None else
+               f"{len(bad)} answers that are not text, e.g. for {bad[0]!r}")
+        raise ValueError(f"--score {path}: expected a JSON object {{question id: answer text}}, got {got}")
     result = squad_evaluate(load_squad(squad_file(dev_file)), predictions)
     print(json.dumps(result))
     return result
-
-
-# ---- models ----------------------------------------------------------------------------------------
-
-def load_checkpoint(name):
-    """(model, vocab file, lowercase) from a checkpoint directory or hub name. A pruned checkpoint
-    (with scores.safetensors) comes back as a MaskedBert. "tiny" is the small preset's randomly
-    initialised 2-layer BERT over data/sample-vocab.txt."""
-    if name == "tiny":
-        vocab = DATA_DIR / "sample-vocab.txt"
-        n = len(vocab.read_text(encoding="utf-8").splitlines())
-        torch.manual_seed(0)
-        config = BertConfig(vocab_size=n, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
-                            intermediate_size=256, max_position_embeddings=128)
-        return BertForQuestionAnswering(config), vocab, True
-    d = bert.resolve_checkpoint(name)
-    model = bp.load_masked(d) if (d / "scores.safetensors").exists() else BertForQuestionAnswering.from_pretrained(d)
-    vocab = d / "vocab.txt"
-    if not vocab.exists():
-        raise FileNotFoundError(f"{d}: no vocab.txt beside the weights")
-    vocab_size = (model.model if isinstance(model, bp.MaskedBert) else model).config.vocab_size
-    if vocab_size < len(vocab.read_text(encoding="utf-8").splitlines()):
-        raise ValueError(f"{vocab} has more tokens than the model's vocab_size {vocab_size}")
-    tc = d / "tokenizer_config.json"
-    lowercase = json.loads(tc.read_text()).get("do_lower_case", True) if tc.exists() else True
-    return model, vocab, lowercase
-
-
-# ---- training --------------------------------------------------------------------------------------
-
-def steps_per_epoch(args, features):
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
-    return len(features["input_ids"]) // global_batch
-
-
-def world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def get_rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def autocast(args):
-    """bf16 (or fp16) autocast on GPU; plain fp32 on CPU."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    return torch.autocast(args.device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def batches(features, idx, device, keys=("input_ids", "attention_mask", "token_type_ids"), trim=True, like=None):
-    """The windows idx, cut to the longest of them (or of the windows `like`: the global batch under
-    torchrun). Padding holds no answer and attention never looks at it; SQuAD windows average 175 of
-    384 tokens, so cutting it halves the work."""
-    out = [features[k][idx] for k in keys]
-    if trim:
-        n = int(features["attention_mask"][idx if like is None else like].sum(1).max())
-        out = [t[:, :n] if t.dim() == 2 and t.shape[1] == features["input_ids"].shape[1] else t for t in out]
-    return [t.to(device, non_blocking=True) for t in out]
-
-
-def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teacher=None, prune=None, dev=None):
-    """One training stage: plain fine-tuning (no teacher), distillation (a teacher), or pruning
-    (a teacher and a PruneConfig). Returns the model, or the MaskedBert when pruning.
-    The state needed to resume (weights, scores, optimiser, step, RNG) is saved every --save_steps;
-    dev = (examples, features) is evaluated every --eval_steps."""
-    device, B, accum = args.device, args.per_device_train_batch_size, args.gradient_accumulation_steps
-    world, rank = world_size(), get_rank()  # under torchrun each process takes B windows of a global batch
-    N = len(features["input_ids"])
-    epoch_steps = N // (B * accum * world)
-    if epoch_steps == 0:
-        raise ValueError(f"--per_device_train_batch_size {B} x --gradient_accumulation_steps {accum} x {world} "
-                         f"processes is larger than the {N} training windows")
-    total = max(1, round(epochs * epoch_steps))
-    model.to(device)
-    net = model
-    if prune is not None:  # the schedule in steps: warm-up epochs, cubic ramp, cool-down epochs
-        prune = replace(prune, warmup_steps=round(args.initial_warmup * epoch_steps),
-                        ramp_steps=max(1, total - round((args.initial_warmup + args.final_warmup) * epoch_steps)))
-        net = bp.MaskedBert(model, prune).to(device)
-        groups = bp.param_groups(net, lr, args.mask_scores_learning_rate, args.weight_decay)
-    else:
-        groups = [{"params": list(model.parameters()), "lr": lr, "weight_decay": args.weight_decay}]
-    # DistributedDataParallel averages the gradients (scores included) over the processes after backward;
-    # a layer without heads or FFN units leaves its empty Linears out of the forward
-    unused = world > 1 and 0 in model.config.num_attention_heads + model.config.intermediate_size
-    forward = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=unused) if world > 1 else net
-    opt = torch.optim.AdamW(groups, eps=1e-8)
-    # linear warm-up then linear decay to 0, every group alike
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(1, warmup_steps),
-                                                                 max(0.0, (total - s) / max(1, total - warmup_steps))))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    if teacher is not None:
-        teacher.to(device).eval()
-    step = 0
-    state_path = out_dir / "training_state.pt"
-    if args.resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        rng, cuda_rng = state["rng"], state["cuda_rng"]
-        if world > 1 and len(state.get("rng_per_process", [])) == world:
-            rng, cuda_rng = state["rng_per_process"][rank]
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        log(f"{stage}: resumed from {state_path} at step {step}")
-
-    def save_state():  # called by every process at the same step; the first one writes
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
-        per_process = [None] * world
-        if world > 1:  # dropout draws differ per process: keep each one's generator
-            torch.distributed.all_gather_object(per_process, rng)
-        if rank:
-            return
-        buf = io.BytesIO()
-        torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "step": step, "rng": rng[0], "cuda_rng": rng[1],
-                    **({"rng_per_process": per_process} if world > 1 else {})}, buf)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(state_path, buf.getvalue())
-
-    net.train()
-    t0, seen, lam, tau = time.time(), 0, 0.0, 0.0
-    log(f"{stage}: {N} windows, {epochs} epochs, {total} steps of {B * accum * world}")
-    with stop_signals(stage) as stop:
-        while step < total:
-            epoch, i = divmod(step, epoch_steps)
-            # the data order is a function of (seed, epoch): a resumed run sees the same batches
-            order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + epoch))
-            if prune is not None:
-                tau, lam = bp.schedule(step, net)
-                net.threshold = tau
-            for micro in range(accum):
-                batch = order[(i * accum + micro) * B * world:(i * accum + micro + 1) * B * world]
-                ids, mask, types, start_pos, end_pos = batches(
-                    features, batch[rank * B:(rank + 1) * B], device,
-                    ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions"), like=batch)
-                with autocast(args):
-                    start, end = forward(ids, mask, types)
-                    if teacher is None:
-                        loss = (F.cross_entropy(start, start_pos) + F.cross_entropy(end, end_pos)) / 2
-                    else:
-                        with torch.no_grad():
-                            t_start, t_end = teacher(ids, mask, types)
-                        loss = bp.distillation_loss(start, end, t_start, t_end, start_pos, end_pos, args.temperature,
-                                                    args.alpha_distil, args.alpha_ce)
-                    if prune is not None and lam > 0:
-                        loss = loss + lam * bp.regularization(net)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{stage}: loss is {loss.item()} in step {step + 1}; the last good state is "
-                                             f"{state_path if state_path.exists() else 'not saved yet'}")
-                scaler.scale(loss / accum).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            seen += B * accum * world
-            if step % args.logging_steps == 0 or step == total:
-                rate = seen / (time.time() - t0)  # over the steps since the last line: a pause or an evaluation
-                t0, seen = time.time(), 0          # in between does not skew it for long
-                line = (f"{stage} step {step}/{total} | loss {loss.item():.4f} | lr {sched.get_last_lr()[0]:.2e}")
-                if prune is not None:
-                    s = net.structure()
-                    line += (f" | threshold {tau:.4f} lambda {lam:.3g} | density attn {100 * s['attention_density']:.1f}%"
-                             f" ffn {100 * s['ffn_density']:.1f}% compact {100 * s['compact_density']:.1f}% | "
-                             f"heads {sum(s['heads'])}/{sum(net.model.config.num_attention_heads)}")
-                left = round((total - step) * B * accum * world / rate)
-                log(f"{line} | {rate:.1f} ex/s | {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
-            if args.save_steps and step % args.save_steps == 0:
-                save_state()
-            if dev is not None and args.eval_steps and step % args.eval_steps == 0 and step < total and not rank:
-                start, end, _ = predict(args, net, dev[1])
-                m = squad_evaluate(dev[0], postprocess(dev[0], dev[1], start, end, args.n_best_size, args.max_answer_length))
-                log(f"{stage} step {step}: dev EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
-                net.train()
-            stopping = bool(stop)  # SIGTERM or Ctrl-C: keep this step's state, then leave
-            if world > 1:  # the processes decide together (a signal may reach one during this very check)
-                flag = torch.tensor([float(stopping)], device=device)
-                torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
-                stopping = bool(flag.item())
-            if stopping:
-                save_state()
-                raise SystemExit(f"{stage}: stopped by {stop[0] if stop else 'a signal to another process'} "
-                                 f"after step {step}; the state is saved in "
-                                 f"{state_path}: run the same command with --resume to continue")
-    if args.save_steps:
-        save_state()
-    if prune is not None:  # evaluation always uses the final threshold: tau_f, or the one that keeps target_density
-        net.threshold = bp.schedule(total, net)[0]
-        net.config = replace(net.config, final_threshold=net.threshold)
-    net.eval()
-    return net
-
-
-@contextlib.contextmanager
-def stop_signals(stage):
-    """While training, SIGTERM or a first Ctrl-C only asks to stop: the step in progress finishes and its
-    state is saved before the run exits. A second Ctrl-C stops at once."""
-    stop = []
-
-    def handler(signum, frame):
-        if stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.append(signal.Signals(signum).name)
-        log(f"{stage}: {stop[-1]}: saving the training state after this step (Ctrl-C again to stop now)")
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-# ---- evaluation ------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def predict(args, model, features, trim=True):
-    """Start and end logits for every window, and the seconds spent in the model's forward passes
-    (synchronised on GPU). trim=True batches windows of similar length and cuts the padding (fast);
-    trim=False runs full padded batches in file order, the paper's way of timing the dev evaluation."""
-    model.to(args.device).eval()
-    N, L, B = *features["input_ids"].shape, args.per_device_eval_batch_size
-    order = features["attention_mask"].sum(1).argsort() if trim else torch.arange(N)
-    start, end = torch.full((N, L), float("-inf")), torch.full((N, L), float("-inf"))  # padding: never an answer
-    seconds = 0.0
-    for i in range(0, N, B):
-        idx = order[i:i + B]
-        ids, mask, types = batches(features, idx, args.device, trim=trim)
-        sync(args.device)
-        t = time.perf_counter()
-        with autocast(args):
-            s, e = model(ids, mask, types)
-        sync(args.device)
-        seconds += time.perf_counter() - t
-        start[idx, :s.shape[1]], end[idx, :e.shape[1]] = s.float().cpu(), e.float().cpu()
-    return start, end, seconds
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def evaluate(args, model, examples, features, out_dir, name):
-    """Dev EM/F1 with the official metric; predictions.json and metrics.json into out_dir (by the first
-    process only, under torchrun)."""
-    if get_rank():
-        return None
-    start, end, seconds = predict(args, model, features)
-    predictions = postprocess(examples, features, start, end, args.n_best_size, args.max_answer_length)
-    metrics = {**squad_evaluate(examples, predictions), "eval_seconds": seconds, "windows": len(start)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "predictions.json", json.dumps(predictions).encode())
-    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
-    # metrics.json marks the stage as finished: its training state (weights + AdamW, large) is no longer needed
-    (out_dir / "training_state.pt").unlink(missing_ok=True)
-    log(f"{name}: EM {metrics['exact_match']:.2f} F1 {metrics['f1']:.2f} ({seconds:.1f} s in the model)")
-    return metrics
-
-
-# ---- the stages ------------------------------------------------------------------------------------
-# Each stage reads its inputs from checkpoint directories and writes its own, so that any stage can be
-# run alone, and --stage all can skip the stages a killed run had already finished.
-
-def save_checkpoint(model, out, vocab, lowercase):
-    if isinstance(model, bp.MaskedBert):
-        bp.save_masked(model, out, vocab)
-    else:
-        model.save_pretrained(out, vocab)
-    atomic_write(out / "tokenizer_config.json", json.dumps({"do_lower_case": lowercase}).encode())
-
-
-def features_for(args, vocab, lowercase, split):
-    path = args.train_file if split == "train" else args.dev_file
-    return cached_features(path, vocab, lowercase, args.max_seq_length, args.doc_stride, split == "train")
-
-
-def stage_finetune(args, model_path, out):
-    model, vocab, lowercase = load_checkpoint(model_path)
-    _, features = features_for(args, vocab, lowercase, "train")
-    dev = features_for(args, vocab, lowercase, "dev")
-    steps = args.finetune_epochs * steps_per_epoch(args, features)
-    model = train(args, "finetune", model, features, args.finetune_epochs, args.learning_rate,
-                  round(args.warmup_ratio * steps), out, dev=dev)
-    if get_rank():
-        return None  # under torchrun the first process saves and evaluates
-    save_checkpoint(model, out, vocab, lowercase)
-    return evaluate(args, model, *dev, out, "finetune")
-
-
-def load_teacher(teacher_path, vocab):
-    teacher, t_vocab, _ = load_checkpoint(teacher_path)
-    if Path(t_vocab).read_bytes() != Path(vocab).read_bytes():
-        raise ValueError(f"--teacher {teacher_path}: its vocab {t_vocab} differs from the student's {vocab}")
-    return teacher
-
-
-def stage_prune(args, model_path, teacher_path, out):
-    model, vocab, lowercase = load_checkpoint(model_path)
-    teacher = load_teacher(teacher_path, vocab)
-    _, features = features_for(args, vocab, lowercase, "train")
-    dev = features_for(args, vocab, lowercase, "dev")
-    masked = train(args, "prune", model, features, args.num_train_epochs, args.learning_rate,
-                   round(args.initial_warmup * steps_per_epoch(args, features)), out, teacher=teacher, prune=prune_config(args), dev=dev)
-    if get_rank():
-        return None
-    save_checkpoint(masked, out, vocab, lowercase)
-    return evaluate(args, masked, *dev, out, "prune (masked)")
-
-
-def stage_compact(args, masked_path, out):
-    masked, vocab, lowercase = load_checkpoint(masked_path)
-    if not isinstance(masked, bp.MaskedBert):
-        raise ValueError(f"--model_name_or_path {masked_path}: compaction needs a pruned checkpoint (scores.safetensors)")
-    small = bp.compact(masked)
-    # the compacted model must answer as the masked one: check it on real dev windows
-    _, dev = features_for(args, vocab, lowercase, "dev")
-    few = {k: v[:8] for k, v in dev.items()}
-    fp32 = argparse.Namespace(**{**vars(args), "precision": "fp32"})
-    (a, b, _), (c, d, _) = predict(fp32, masked, few, trim=False), predict(fp32, small, few, trim=False)
-    diff = max((a - c).abs().max().item(), (b - d).abs().max().item())
-    save_checkpoint(small, out, vocab, lowercase)
-    r = bp.report(small, masked.model.config)
-    r["max_logit_difference_from_masked"] = diff
-    atomic_write(out / "report.json", json.dumps(r, indent=2).encode())
-    bp.plot_report(r, out / "structure.png")
-    log(bp.format_report(r) + f"\ncompacted vs masked logits: max difference {diff:.2e}")
-    return r
-
-
-def stage_fill(args, compact_path, teacher_path, out):
-    model, vocab, lowercase = load_checkpoint(compact_path)
-    teacher = load_teacher(teacher_path, vocab)
-    bp.fill(model, noise=0.01, generator=torch.Generator().manual_seed(args.seed))
-    _, features = features_for(args, vocab, lowercase, "train")
-    dev = features_for(args, vocab, lowercase, "dev")
-    model = train(args, "fill", model, features, args.fill_epochs, args.learning_rate, 10, out, teacher=teacher, dev=dev)
-    if get_rank():
-        return None
-    save_checkpoint(model, out, vocab, lowercase)
-    return evaluate(args, model, *dev, out, "fill")
-
-
-def stage_eval(args, model_path, out):
-    model, vocab, lowercase = load_checkpoint(model_path)
-    return evaluate(args, model, *features_for(args, vocab, lowercase, "dev"), out, "eval")
-
-
-def stage_all(args, out):
-    """METHOD.md's recipe end to end: teacher (fine-tuned here unless --teacher is given), prune with
-    distillation, compact, fill, evaluate; then the speed-up of the final model over the teacher.
-    Several --target_density values prune the same start once per density, into output_dir/d<D>."""
-    teacher = args.teacher
-    if not teacher:
-        teacher_metrics = once(args, out / "teacher", stage_finetune, args.model_name_or_path)
-        teacher = str(out / "teacher")
-    else:
-        teacher_metrics = once(args, out / "teacher", stage_eval, teacher)
-    densities = args.target_density or [None]
-    runs = {}
-    for d in densities:
-        sub = out if len(densities) == 1 else out / f"d{100 * d:g}"
-        runs[sub.name] = prune_compact_fill(argparse.Namespace(**{**vars(args), "target_density": d and [d]}), sub,
-                                            teacher, teacher_metrics)
-    if len(densities) > 1 and not get_rank():
-        plot_study(runs, out / "f1-speedup.png")
-    return runs[out.name] if len(densities) == 1 else runs
-
-
-# the paper's BERT-base points (METHOD.md): (speed-up, F1 lost against its teacher, label)
-PAPER_POINTS = [(2.44, 88.5 - 87.71, "hybrid filled, d26"), (1.84, 88.5 - 88.72, "hybrid filled, d41"),
-                (3.64, 88.5 - 85.52, "struct, d14")]
-
-
-def plot_study(runs, path):
-    """F1 lost against the dense teacher, per speed-up: our pruned models, and the paper's for reference
-    (each against its own teacher, since the base models differ). PNG; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ours = sorted((r["speedup"], r["teacher"]["f1"] - r["filled"]["f1"], name) for name, r in runs.items())
-    ax.plot([x for x, _, _ in ours], [y for _, y, _ in ours], "o-", label="ours (this study)")
-    ax.plot([x for x, _, _ in PAPER_POINTS], [y for _, y, _ in PAPER_POINTS], "s", label="paper, BERT-base (GPU)")
-    for x, y, name in ours + PAPER_POINTS:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="speed-up over the dense teacher", ylabel="F1 lost against the dense teacher")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def once(args, d, fn, *a):
-    """Run a stage into d, unless --resume and its metrics.json says an earlier run finished it."""
-    if (d / "metrics.json").exists() and args.resume:
-        log(f"{d}: done already, skipped")
-        return json.loads((d / "metrics.json").read_text())
-    result = fn(args, *a, d)
-    barrier()  # under torchrun: the first process has written d before the others read it
-    return result
-
-
-def prune_compact_fill(args, out, teacher, teacher_metrics):
-    results = {"teacher": teacher_metrics}
-    results["pruned"] = once(args, out / "pruned", stage_prune, args.model_name_or_path, teacher)
-    if not get_rank():
-        results["structure"] = stage_compact(args, out / "pruned", out / "compact")
-    barrier()
-    results["filled"] = once(args, out / "filled", stage_fill, str(out / "compact"), teacher)
-    if get_rank():
-        return None
-    dense, vocab, lowercase = load_checkpoint(teacher)
-    final = load_checkpoint(str(out / "filled"))[0]
-    _, dev = features_for(args, vocab, lowercase, "dev")
-    if args.speed_windows:
-        dev = {k: v[:args.speed_windows] for k, v in dev.items()}
-    # the two models take turns over the same padded dev windows; the fastest of 3 rounds each (machines are noisy)
-    t_dense, t_final = (min(ts) for ts in zip(*[(predict(args, dense, dev, trim=False)[2],
-                                                 predict(args, final, dev, trim=False)[2])
-                                                for _ in range(3)]))
-    results["speedup"] = t_dense / t_final
-    atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
-    s, r = results["filled"], results["structure"]
-    log(f"final ({out}): F1 {s['f1']:.2f} EM {s['exact_match']:.2f} (teacher F1 {results['teacher']['f1']:.2f}), "
-        f"heads {r['heads']}/{r['heads_dense']}, linear params {100 * r['linear_density']:.1f} %, "
-        f"speed-up {results['speedup']:.2f}x over the teacher on {len(dev['input_ids'])} dev windows ({args.device.type})")
-    return results
-
-
-def prune_config(args):
-    return bp.PruneConfig(block=args.block, mask=args.mask, final_threshold=args.final_threshold,
-                          final_lambda=args.final_lambda, attention_lambda=args.attention_lambda,
-                          ffn_lambda=args.ffn_lambda,
-                          target_density=args.target_density[0] if args.target_density else None)
 
 
 # ---- command line ----------------------------------------------------------------------------------
 
 SHARED = Path(os.environ.get("BLOCKPRUNE_SHARED", Path(__file__).resolve().parent.parent / "shared"))
 
-# The paper's recipe (METHOD.md) is the default. Presets change the defaults; flags still win.
+# The paper's recipe (docs/paper.md) is the default. Presets change the defaults; flags still win.
 PRESETS = {
     "paper": {},
     "small": dict(  # offline, about a minute on CPU: a tiny random BERT on the hand-made sample in data/
@@ -766,8 +735,9 @@ PRESETS = {
         learning_rate=2e-3, mask_scores_learning_rate=2e-2, finetune_epochs=20, num_train_epochs=20,
         fill_epochs=5, initial_warmup=2, final_warmup=6, per_device_eval_batch_size=64, logging_steps=50,
         save_steps=100),
-    # issue 5's study on real data: a pretrained 6-layer MiniLM, the first 4,370 train questions, the whole
-    # dev set; the files of ../shared (or $BLOCKPRUNE_SHARED)
+    # the README's study on real data: a pretrained 6-layer MiniLM, the first 4,370 train questions, the whole
+    # dev set; the files are not in the repository: $BLOCKPRUNE_SHARED (default ../shared); main() says
+    # what to fetch when they are missing
     "minilm": dict(
         model_name_or_path=str(SHARED / "models/all-MiniLM-L6-v2"), teacher="",
         train_file=str(SHARED / "squad/train-v1.1-head4370.json"), dev_file=str(SHARED / "squad/dev-v1.1.json"),
@@ -777,8 +747,14 @@ PRESETS = {
 }
 
 
+def number_or_none(v):
+    """A --target_density / --target_speedup value: a number, or 'none' to switch a preset's values off."""
+    return None if v == "none" else float(v)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # a prefix is not a flag: --mask is not --mask_scores_...
     a = p.add_argument
     a("--preset", choices=PRESETS, default="paper", help="a set of defaults: the paper's recipe, 'small' or 'minilm'")
     a("--stage", choices=["finetune", "prune", "compact", "fill", "eval", "all"], default="all")
@@ -810,12 +786,20 @@ def parse_args(argv=None):
     a("--initial_warmup", type=float, default=1.0, help="epochs at threshold 0 (and of lr warm-up) before pruning")
     a("--final_warmup", type=float, default=10.0, help="epochs at the final threshold at the end of pruning")
     a("--block", default="32x32", help="attention blocks: RxC, 'row', 'col' or 'head'")
-    a("--mask", choices=["sigmoid", "topk"], default="sigmoid")
+    a("--pruning_method", choices=["sigmoid", "topk"], default="sigmoid", help="keep a block while "
+      "sigmoid(score) > threshold (the paper), or the top (1 - threshold) of each matrix")
     a("--final_threshold", type=float, default=0.1)
     a("--final_lambda", type=float, default=20.0)
-    a("--target_density", type=float, nargs="+", help="instead of --final_threshold: prune to this fraction of "
-      "the linear parameters (e.g. 0.26); the threshold follows it down the cubic ramp. Several values (with "
-      "--stage all): one pruned model each, from the same teacher")
+    a("--target_density", type=number_or_none, nargs="+", help="instead of "
+      "--final_threshold: prune to this fraction of the linear parameters (e.g. 0.26); the threshold follows it "
+      "down the cubic ramp. Several values (with --stage all): one pruned model each, from the same teacher. "
+      "'none': the paper's fixed final threshold (switches a preset's values off)")
+    a("--target_speedup", type=number_or_none, nargs="+", help="instead of --final_threshold or --target_density: "
+      "prune to 1 / this of the encoder's FLOPs at --max_seq_length (e.g. 2.5); likewise down the cubic ramp, "
+      "several values, 'none'")
+    a("--gate_dead_heads", choices=["always", "eval"], default="always", help="mask the V of a head with no Q "
+      "or K left in training too ('always'), or only at evaluation ('eval': the head can come back)")
+    a("--no_teacher_cache", action="store_true", help="run the teacher at every step instead of caching its logits")
     a("--speed_windows", type=int, default=0, help="time the speed-up on the first N dev windows (0: all)")
     a("--attention_lambda", type=float, default=1.0)
     a("--ffn_lambda", type=float, default=0.25)
@@ -831,17 +815,35 @@ def parse_args(argv=None):
     args, _ = p.parse_known_args(argv)
     p.set_defaults(**PRESETS[args.preset])
     args = p.parse_args(argv)
-    args.device = torch.device(args.device)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device: 'cpu', 'cuda' or 'cuda:N', got {args.device!r}")
+    if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
+        p.error(f"--device {args.device}: no such GPU here ({torch.cuda.device_count()} visible)")
+    for name in ("target_density", "target_speedup"):  # 'none' switches a preset's values off
+        setattr(args, name, [d for d in getattr(args, name) or [] if d is not None] or None)
     if args.do_eval:
         args.stage = "eval"
     if args.precision == "auto":
         args.precision = "bf16" if args.device.type == "cuda" else "fp32"
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "max_seq_length", "logging_steps"):
+                 "max_seq_length", "logging_steps", "n_best_size", "max_answer_length"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
     if not 0 <= args.doc_stride < args.max_seq_length // 2:
         p.error(f"--doc_stride must be in [0, max_seq_length / 2), got {args.doc_stride}")
+    # negative (or NaN) rates, epochs and weights would run without a word and train nonsense
+    for name in ("learning_rate", "mask_scores_learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio",
+                 "finetune_epochs", "num_train_epochs", "fill_epochs", "initial_warmup", "final_warmup",
+                 "final_lambda", "attention_lambda", "ffn_lambda", "alpha_distil", "alpha_ce", "speed_windows",
+                 "save_steps", "eval_steps"):
+        if not 0 <= getattr(args, name) < float("inf"):
+            p.error(f"--{name} must be a number >= 0, got {getattr(args, name)}")
+    if not 0 < args.temperature < float("inf"):
+        p.error(f"--temperature must be positive, got {args.temperature}")
+    if not 0 <= args.seed < 2 ** 63:
+        p.error(f"--seed must be in [0, 2**63), got {args.seed}")
     return args
 
 
@@ -849,6 +851,18 @@ def main(argv=None):
     args = parse_args(argv)
     if args.score:
         return score_main(args.score, args.dev_file)
+    if args.preset == "minilm":  # a fork has no ../shared: name the files and where to get them
+        missing = [v for k, v in PRESETS["minilm"].items() if k in ("model_name_or_path", "train_file", "dev_file")
+                   and getattr(args, k) == v and not Path(v).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"--preset minilm: not found: {', '.join(missing)} ($BLOCKPRUNE_SHARED, default ../shared). It needs "
+                "sentence-transformers/all-MiniLM-L6-v2 from the Hugging Face hub (a directory with config.json, "
+                "model.safetensors, vocab.txt) and SQuAD v1.1's train-v1.1.json and dev-v1.1.json from "
+                "https://rajpurkar.github.io/SQuAD-explorer/dataset/ (the study trains on the first 4,370 train "
+                "questions, the first 12 articles: README.md says how to cut them). Put them at those paths, or pass "
+                "--model_name_or_path, --train_file, --dev_file (a hub name, 'train' or 'dev' downloads the file; "
+                "--train_file train is the whole train set)")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: one process per GPU (or CPU process, gloo)
         # the others wait while the first evaluates: allow for a whole dev evaluation on CPU
         torch.distributed.init_process_group("nccl" if args.device.type == "cuda" else "gloo",
@@ -858,9 +872,17 @@ def main(argv=None):
             torch.cuda.set_device(args.device)
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.target_density and len(args.target_density) > 1 and args.stage != "all":
-        raise ValueError("--target_density: several values need --stage all")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission: say which flag, not a bare [Errno 17]
+        raise OSError(f"--output_dir {out} is a file, expected a directory" if out.is_file() else
+                      f"--output_dir {out}: cannot create it ({e.strerror or e})") from None
+    if args.target_density and args.target_speedup:
+        raise ValueError("--target_density and --target_speedup exclude each other: give one "
+                         "(--target_density none switches a preset's off)")
+    for name in ("target_density", "target_speedup"):
+        if len(getattr(args, name) or []) > 1 and args.stage == "prune":
+            raise ValueError(f"--{name}: several values need --stage all")
     if args.stage == "all":
         return stage_all(args, out)
     if args.stage == "finetune":
@@ -893,6 +915,192 @@ def cli(argv=None):
     finally:  # a process group left open can abort the process at exit
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+# ---- plumbing of the training loop (skip on a first read) -------------------------------------------
+# What train() needs and a reader of the method does not: batches, the loss's inputs, progress lines,
+# the state that --resume reads back, torchrun (DistributedDataParallel) and stop signals.
+
+def steps_per_epoch(args, features):
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
+    if len(features["input_ids"]) < global_batch:
+        raise ValueError(f"--per_device_train_batch_size {args.per_device_train_batch_size} x "
+                         f"--gradient_accumulation_steps {args.gradient_accumulation_steps} x {world_size()} "
+                         f"processes is larger than the {len(features['input_ids'])} training windows")
+    return len(features["input_ids"]) // global_batch
+
+
+def get_batch(args, features, step, micro):
+    """This process's windows of micro-batch `micro` of a step, as a dict of tensors on the device. The
+    data order is a function of (seed, epoch), so a resumed run sees the same batches; under torchrun
+    each process takes its slice of the global batch, all cut to the global batch's longest window."""
+    B, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    world, rank = world_size(), get_rank()
+    epoch, i = divmod(step, steps_per_epoch(args, features))
+    order = torch.randperm(len(features["input_ids"]), generator=torch.Generator().manual_seed(args.seed + epoch))
+    batch = order[(i * accum + micro) * B * world:(i * accum + micro + 1) * B * world]
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions",
+                        "teacher_start", "teacher_end") if k in features]
+    return dict(zip(keys, batches(features, batch[rank * B:(rank + 1) * B], args.device, keys, like=batch)))
+
+
+def batches(features, idx, device, keys=("input_ids", "attention_mask", "token_type_ids"), trim=True, like=None):
+    """The windows idx, cut to the longest of them (or of the windows `like`: the global batch under
+    torchrun). Padding holds no answer and attention never looks at it; SQuAD windows average 175 of
+    384 tokens, so cutting it halves the work."""
+    out = [features[k][idx] for k in keys]
+    if trim:
+        n = int(features["attention_mask"][idx if like is None else like].sum(1).max())
+        out = [t[:, :n] if t.dim() == 2 and t.shape[1] == features["input_ids"].shape[1] else t for t in out]
+    return [t.to(device, non_blocking=True) for t in out]
+
+
+def autocast(args):
+    """bf16 (or fp16) autocast on GPU; plain fp32 on CPU."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    return torch.autocast(args.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def check_finite(loss, stage, step, state_path):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage}: loss is {loss.item()} in step {step + 1}; the last good state is "
+                                 f"{state_path if state_path.exists() else 'not saved yet'}")
+
+
+class Progress:
+    """A line every --logging_steps: step, loss, lr, examples per second over the last interval (a pause or
+    an evaluation in between does not skew it for long) and time left; when pruning also the threshold,
+    lambda, densities, heads, the scores' spread and how many heads died or came back since the start."""
+
+    def __init__(self, args, stage, total, masked=None):
+        self.args, self.stage, self.total, self.masked = args, stage, total, masked
+        self.batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
+        self.t0, self.seen = time.time(), 0
+        self.alive, self.died, self.revived = None, 0, 0
+        log(f"{stage}: {total} steps of {self.batch} windows")
+
+    def step(self, step, loss, lr):
+        self.seen += self.batch
+        if self.masked is not None:  # heads that die and come back, counted at every step
+            alive = bp.heads_alive_at(self.masked, self.masked.threshold)
+            if self.alive is not None:
+                self.died += int((self.alive & ~alive).sum())
+                self.revived += int((~self.alive & alive).sum())
+            self.alive = alive
+        if step % self.args.logging_steps and step != self.total:
+            return
+        rate = self.seen / (time.time() - self.t0)
+        self.t0, self.seen = time.time(), 0
+        line = f"{self.stage} step {step}/{self.total} | loss {loss.item():.4f} | lr {lr:.2e}"
+        if self.masked is not None:
+            net, s = self.masked, self.masked.structure()
+            attn, ffn = bp.score_stats(net)
+            line += (f" | threshold {net.threshold:.4f} lambda {bp.lambda_schedule(step - 1, net.config):.3g}"
+                     f" | density attn {100 * s['attention_density']:.1f}% ffn {100 * s['ffn_density']:.1f}%"
+                     f" compact {100 * s['compact_density']:.1f}% | heads {sum(s['heads'])}/"
+                     f"{sum(net.model.config.num_attention_heads)} (died {self.died}, came back {self.revived})"
+                     f" | scores attn {attn[0]:+.3f}±{attn[1]:.3f} ffn {ffn[0]:+.3f}±{ffn[1]:.3f}")
+        left = round((self.total - step) * self.batch / rate)
+        log(f"{line} | {rate:.1f} ex/s | {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
+
+
+class TrainingState:
+    """What --resume needs to continue a stage exactly: weights (and scores), optimiser, lr schedule, grad
+    scaler, step and every process's random generator (dropout draws differ per process), written
+    atomically by the first process."""
+
+    def __init__(self, path, net, opt, sched, scaler):
+        self.path, self.parts = path, {"net": net, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+
+    def load(self, device, stage):
+        if not self.path.exists():
+            return 0
+        try:
+            state = torch.load(self.path, map_location=device, weights_only=False)
+            for k, part in self.parts.items():
+                part.load_state_dict(state[k])
+            rng, cuda_rng = state["rng"], state["cuda_rng"]
+        except Exception as e:  # cut off, another stage's or model's: torch raises many kinds, some pages long
+            raise ValueError(f"{self.path}: not a training state of this stage and model ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); move it away to start the stage afresh") from None
+        if world_size() > 1 and len(state.get("rng_per_process", [])) == world_size():
+            rng, cuda_rng = state["rng_per_process"][get_rank()]
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        log(f"{stage}: resumed from {self.path} at step {state['step']}")
+        return state["step"]
+
+    def save(self, step):  # called by every process at the same step; the first one writes
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+        per_process = [None] * world_size()
+        if world_size() > 1:
+            torch.distributed.all_gather_object(per_process, rng)
+        if get_rank():
+            return
+        buf = io.BytesIO()
+        torch.save({**{k: part.state_dict() for k, part in self.parts.items()}, "step": step, "rng": rng[0],
+                    "cuda_rng": rng[1], **({"rng_per_process": per_process} if world_size() > 1 else {})}, buf)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, buf.getvalue())
+
+
+def ddp(net):
+    """Under torchrun: DistributedDataParallel, which averages the gradients (scores included) over the
+    processes after backward; a layer without heads or FFN units leaves its empty Linears out of the forward."""
+    if world_size() == 1:
+        return net
+    c = (net.model if isinstance(net, bp.MaskedBert) else net).config
+    return torch.nn.parallel.DistributedDataParallel(
+        net, find_unused_parameters=0 in c.num_attention_heads + c.intermediate_size)
+
+
+def all_stopping(stop, device):
+    """Has any process been asked to stop? Under torchrun the processes decide together, since a signal
+    may reach one of them during this very check."""
+    stopping = bool(stop)
+    if world_size() > 1:
+        flag = torch.tensor([float(stopping)], device=device)
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+        stopping = bool(flag.item())
+    return stopping
+
+
+@contextlib.contextmanager
+def stop_signals(stage):
+    """While training, SIGTERM or a first Ctrl-C only asks to stop: the step in progress finishes and its
+    state is saved before the run exits. A second Ctrl-C stops at once."""
+    stop = []
+
+    def handler(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signal.Signals(signum).name)
+        log(f"{stage}: {stop[-1]}: saving the training state after this step (Ctrl-C again to stop now)")
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def get_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def shared():
     """The read-only shared/ folder (BLOCKPRUNE_SHARED, else ../shared beside the repo)."""
     path = Path(os.environ.get("BLOCKPRUNE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
     if not path.is_dir():
-        pytest.skip(f"shared data not found at {path} (set BLOCKPRUNE_SHARED)")
+        pytest.skip(f"shared data not found at {path} (set BLOCKPRUNE_SHARED; README.md lists the files)")
     return path
 
 

@@ -93,16 +93,27 @@ def test_uneven_checkpoint_round_trips(tmp_path):
 
 
 def test_even_checkpoint_is_readable_by_transformers(tmp_path):
+    from safetensors import safe_open  # a dependency of transformers
     model = random_weights(BertForQuestionAnswering(tiny_config()))
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["num_attention_heads"] == 4
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:  # transformers 4.x fails without format "pt"
+        assert f.metadata() == {"format": "pt"}
     assert_same_logits(model, transformers.BertForQuestionAnswering.from_pretrained(tmp_path).eval(), 99)
+
+
+def test_written_safetensors_header_carries_the_format_metadata(tmp_path):
+    bert.write_safetensors(tmp_path / "t.safetensors", {"a": torch.zeros(2)})
+    data = (tmp_path / "t.safetensors").read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    assert header["__metadata__"] == {"format": "pt"}
+    assert set(bert.read_safetensors(tmp_path / "t.safetensors")) == {"a"}
 
 
 def test_pytorch_bin_and_tf_era_names_load(tmp_path):
     model = random_weights(BertForQuestionAnswering(tiny_config()))
-    state = {bert.to_hf_name(k).replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-             for k, v in model.state_dict().items()}
+    state = {bert.to_hf_name(k).replace("LayerNorm.weight", "LayerNorm.gamma")
+             .replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in model.state_dict().items()}
     state["bert.pooler.dense.weight"] = torch.zeros(48, 48)  # skipped, not an error
     torch.save(state, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
@@ -118,8 +129,36 @@ def test_checkpoint_mismatch_names_the_tensors(tmp_path):
     with pytest.raises(ValueError) as e:
         BertForQuestionAnswering.from_pretrained(tmp_path)
     msg = str(e.value)
-    assert "bert.encoder.layer.0.intermediate.dense.weight: checkpoint (80, 48), model (64, 48)" in msg
-    assert "layers.3.query.weight" in msg  # missing
+    assert "9 tensors of another shape (e.g. bert.encoder.layer.0.intermediate.dense.weight: (80, 48) in the file, " \
+           "(64, 48) expected" in msg
+    assert "16 missing (e.g. bert.encoder.layer.3.attention.self.query.weight)" in msg
+    assert "config says num_hidden_layers 4, the weights 3" in msg and "intermediate_size 64, the weights 80" in msg
+
+
+def test_config_of_another_size_is_reported_in_a_few_lines_naming_the_value(tmp_path):
+    BertForQuestionAnswering(tiny_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    with pytest.raises(ValueError) as e:
+        BertForQuestionAnswering.from_pretrained(tmp_path)
+    message = str(e.value)
+    assert "42 tensors of another shape" in message and "config says hidden_size 64, the weights 48" in message
+    assert len(str(e.value)) < 500
+
+
+def test_checkpoint_without_weights_names_both_accepted_files(tmp_path):
+    BertForQuestionAnswering(tiny_config()).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="expected model.safetensors or pytorch_model.bin"):
+        BertForQuestionAnswering.from_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"<html>")  # an error page saved as the weights
+    with pytest.raises(ValueError, match="pytorch_model.bin: not a readable PyTorch checkpoint"):
+        BertForQuestionAnswering.from_pretrained(tmp_path)
+
+
+def test_sequences_longer_than_the_positions_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="65 tokens, more than the model's max_position_embeddings 64"):
+        BertForQuestionAnswering(tiny_config())(torch.zeros(1, 65, dtype=torch.long))
 
 
 def test_safetensors_round_trip_and_truncation_is_reported(tmp_path):
@@ -132,6 +171,12 @@ def test_safetensors_round_trip_and_truncation_is_reported(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
     with pytest.raises(ValueError, match="cut.safetensors: truncated"):
         bert.read_safetensors(tmp_path / "cut.safetensors")
+
+
+def test_safetensors_header_length_past_the_end_is_corrupt_not_empty(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes((10 ** 6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="bad.safetensors: corrupt or truncated safetensors file"):
+        bert.read_safetensors(tmp_path / "bad.safetensors")
 
 
 def test_missing_directory_says_what_is_expected(tmp_path):
@@ -168,7 +213,8 @@ def test_hub_name_is_downloaded_once_into_the_cache(tmp_path, http_server, monke
     BertForQuestionAnswering.from_pretrained("org/tiny-bert", cache_dir=tmp_path / "cache")
     assert http_server.requests == asked  # the second load reads the cache
     cached = sorted(p.name for p in (tmp_path / "cache" / "org--tiny-bert").iterdir())
-    assert cached == sorted(["config.json", "vocab.txt", f"model.{fmt}" if fmt == "safetensors" else "pytorch_model.bin"])
+    weights = f"model.{fmt}" if fmt == "safetensors" else "pytorch_model.bin"
+    assert cached == sorted(["config.json", "vocab.txt", weights])
 
 
 def test_hub_download_cut_off_leaves_no_file(tmp_path, http_server, monkeypatch):
@@ -199,3 +245,32 @@ def test_offline_hub_name_names_the_url_and_the_way_out(tmp_path, monkeypatch):
         BertForQuestionAnswering.from_pretrained("bert-base-uncased", cache_dir=tmp_path)
     assert f"http://127.0.0.1:{port}/bert-base-uncased/resolve/main/config.json" in str(e.value)
     assert "instead of 'bert-base-uncased'" in str(e.value)
+
+
+def test_training_steps_match_transformers_from_the_same_qa_head(shared):
+    # the teacher-parity question (does our BERT train as well as transformers'?) without seed noise: the
+    # same start (QA head copied), dropout off, the same real SQuAD windows, 5 AdamW steps: the same losses
+    import train_squad as ts
+    path = shared / "models/paraphrase-MiniLM-L3-v2"
+    ours = BertForQuestionAnswering.from_pretrained(path).eval()  # eval: no dropout, both still learn
+    hf = transformers.BertForQuestionAnswering.from_pretrained(path, attn_implementation="sdpa").eval()
+    hf.qa_outputs.load_state_dict(ours.qa_outputs.state_dict())
+    examples = ts.load_squad(shared / "squad/train-v1.1-head4370.json")[:40]
+    f = ts.featurize(examples, ts.load_tokenizer(path / "vocab.txt"), 128, 32, train=True)
+    losses = {}
+    for name, model, call in (("ours", ours, lambda *x: ours(*x)),
+                              ("hf", hf, lambda i, m, t: tuple(hf(input_ids=i, attention_mask=m, token_type_ids=t)
+                                                              .to_tuple()[:2]))):
+        opt, losses[name] = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, weight_decay=0.0), []
+        for step in range(5):
+            ids, mask, types, s_pos, e_pos = ts.batches(f, torch.arange(8 * step, 8 * step + 8), "cpu", (
+                "input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions"))
+            s, e = call(ids, mask, types)
+            loss = (torch.nn.functional.cross_entropy(s, s_pos) + torch.nn.functional.cross_entropy(e, e_pos)) / 2
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["ours"] == pytest.approx(losses["hf"], rel=1e-5)
+    assert losses["ours"][-1] < losses["ours"][0]  # it learns

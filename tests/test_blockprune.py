@@ -89,6 +89,11 @@ def test_schedule_warmup_ramp_and_cooldown():
     c = replace(c, target_density=0.3)
     assert bp.density_schedule(10, c) == 1 and bp.density_schedule(110, c) == pytest.approx(0.3)
     assert bp.density_schedule(60, c) == pytest.approx(1 - 0.7 * (1 - 0.5 ** 3))
+    c = replace(c, target_density=None, target_speedup=2.5)  # the kept FLOP fraction ramps from 1 to 1 / 2.5
+    assert bp.density_schedule(10, c) == 1 and bp.density_schedule(110, c) == pytest.approx(0.4)
+    assert bp.density_schedule(60, c) == pytest.approx(1 - 0.6 * (1 - 0.5 ** 3))
+    with pytest.raises(ValueError, match="--target_density and --target_speedup exclude each other"):
+        replace(c, target_density=0.3)
 
 
 def test_regularizer_weights_attention_and_ffn():
@@ -154,12 +159,14 @@ def test_report_counts_what_the_weights_hold(tmp_path):
     masked = bp.MaskedBert(tiny(), bp.PruneConfig(block="16x16"))
     random_masks(masked)
     small = bp.compact(masked)
-    r = bp.report(small, tiny().config)
+    r = bp.report(small, tiny().config, seq_len=32)
     held = sum(getattr(l, n).weight.numel() for l in small.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
     assert r["linear_params"] == held and r["linear_params_dense"] == 3 * (4 * 64 * 64 + 2 * 48 * 64)
     assert r["heads"] == sum(small.config.num_attention_heads) and r["total_params"] == small.num_parameters()
-    assert "linear params" in bp.format_report(r)
-    if bp.plot_report(r, tmp_path / "structure.png"):
+    assert r["flops"] == bp.encoder_flops(small.config, 32) and r["flops_dense"] == bp.encoder_flops(tiny().config, 32)
+    assert r["predicted_speedup"] == r["flops_dense"] / r["flops"] > 1
+    assert "linear params" in bp.format_report(r) and "predicted speed-up" in bp.format_report(r)
+    if bp.plot_report(r, tmp_path / "structure.png", speedup=1.5):
         assert (tmp_path / "structure.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -186,3 +193,28 @@ def test_threshold_for_density_keeps_the_nearest_density_there_is(block):
     for d in (1.0, 0.7, 0.4, 0.1, 0.001):
         got = masked.structure(bp.threshold_for_density(masked, d))["compact_density"]
         assert abs(got - d) == pytest.approx(min(abs(x - d) for x in densities), abs=1e-12)
+
+
+def test_encoder_flops_of_bert_base_and_d26_are_methods_figures():
+    # docs/paper.md: 19.5 GFLOP per sequence at length 384 against 70.7 for BERT-base, a ratio of 3.62x
+    base = BertConfig()
+    d26 = replace(base, num_attention_heads=[4, 4, 6, 7, 7, 5, 6, 7, 5, 5, 5, 3], attention_head_size=64,
+                  intermediate_size=[552, 717, 795, 789, 833, 792, 620, 466, 283, 112, 96, 238])
+    assert bp.encoder_flops(base, 384) / 1e9 == pytest.approx(70.7, abs=0.05)
+    assert bp.encoder_flops(d26, 384) / 1e9 == pytest.approx(19.5, abs=0.05)
+    assert bp.encoder_flops(base, 384) / bp.encoder_flops(d26, 384) == pytest.approx(3.62, abs=0.005)
+
+
+@pytest.mark.parametrize("block", ["16x8", "head"])  # blocks within a head: no two heads die together
+def test_target_speedup_keeps_the_flops_of_the_speedup_within_half_a_head(block):
+    masked = bp.MaskedBert(tiny(), bp.PruneConfig(block=block))
+    with torch.no_grad():
+        for s in masked.scores.values():
+            s.normal_(0, 2)
+    c, T = masked.model.config, 128
+    dense, head = bp.encoder_flops(c, T), bp.head_and_unit_flops(c, T)[0]
+    for speedup in (1.0, 1.3, 1.8, 3.6, 10.0):
+        masked.config = bp.PruneConfig(block=block, target_speedup=speedup, seq_len=T)
+        s = masked.structure(bp.schedule(1, masked)[0])  # the end of a one-step ramp: the target itself
+        flops = bp.encoder_flops(replace(c, num_attention_heads=s["heads"], intermediate_size=s["ffn"]), T)
+        assert abs(flops - dense / speedup) <= head / 2, (speedup, s)

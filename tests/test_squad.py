@@ -67,6 +67,19 @@ def test_score_command_prints_one_json_line(name, shared):
     assert (round(r["exact_match"], 3), round(r["f1"], 3)) == LEADERBOARD[name]
 
 
+@pytest.mark.parametrize("body, message", [
+    ("<html>", "not a JSON file (Expecting value: line 1 column 1"),
+    ('["Denver Broncos"]', "expected a JSON object {question id: answer text}, got a JSON list"),
+    ('{"q1": ["Denver Broncos"]}', "got 1 answers that are not text, e.g. for 'q1'"),
+])
+def test_score_refuses_predictions_that_are_not_an_id_to_answer_object(tmp_path, body, message):
+    (tmp_path / "p.json").write_text(body)
+    with pytest.raises(SystemExit) as e:
+        ts.cli(["--score", str(tmp_path / "p.json"), "--dev_file", str(ts.DATA_DIR / "sample-dev.json")])
+    assert str(e.value).startswith(f"error: --score {tmp_path / 'p.json'}: ") and "\n" not in str(e.value)
+    assert message in str(e.value)
+
+
 def test_metric_normalizes_like_the_official_script():
     assert ts.normalize_answer("  The  Cat's, an apple!  ") == "cats apple"
     assert ts.normalize_answer("theatre") == "theatre"  # articles only as whole words
@@ -100,6 +113,18 @@ def test_missing_key_names_where(tmp_path):
         ts.load_squad(p)
 
 
+@pytest.mark.parametrize("body, message", [
+    ({"version": "1.1", "data": []}, "no questions in it"),
+    (squad_json([("ctx", [("a", None, [("ctx", 0)])])]), "qas[0]: not SQuAD format (id, question and context must"),
+    (squad_json([("ctx", [("a", "q?", [("nope", 0)])])]), "no question has an answer that matches its context"),
+])
+def test_squad_file_with_nothing_to_train_on_is_refused_naming_it(tmp_path, body, message):
+    (tmp_path / "s.json").write_text(json.dumps(body))
+    with pytest.raises(ValueError) as e:
+        ts.cached_features(tmp_path / "s.json", ts.DATA_DIR / "sample-vocab.txt", True, 64, 16, True, tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 's.json'}: ") and message in str(e.value)
+
+
 def test_mismatched_answers_dropped_for_training_kept_for_scoring(tmp_path, capsys, tokenizer):
     ctx = "Paris is the capital of France."
     d = squad_json([(ctx, [("good", "Capital?", [("Paris", 0)]),
@@ -110,7 +135,8 @@ def test_mismatched_answers_dropped_for_training_kept_for_scoring(tmp_path, caps
     ex = ts.load_squad(p)
     err = capsys.readouterr().err
     assert "2 questions" in err and "half, none" in err
-    assert [e["answers"] for e in ex] == [[{"text": "Paris", "answer_start": 0}], [{"text": "France", "answer_start": 24}], []]
+    assert [e["answers"] for e in ex] == [[{"text": "Paris", "answer_start": 0}],
+                                          [{"text": "France", "answer_start": 24}], []]
     assert ex[1]["gold_texts"] == ["Frence", "France"]  # the metric still sees every gold text
     assert ts.squad_evaluate(ex, {"good": "Paris", "half": "Frence", "none": "Berlin"})["exact_match"] == 100.0
     f = ts.featurize(ex, tokenizer, train=True)
@@ -162,7 +188,7 @@ def run_qa_features(hf, examples, max_len, stride):
 def test_features_match_transformers_run_qa(max_len, stride, shared, head, tokenizer):
     transformers = pytest.importorskip("transformers")
     hf = transformers.BertTokenizerFast.from_pretrained(shared / "models/all-MiniLM-L6-v2")
-    assert hf("hello world")["input_ids"] == [101, 7592, 2088, 102]  # METHOD.md: check the oracle itself
+    assert hf("hello world")["input_ids"] == [101, 7592, 2088, 102]  # docs/paper.md: check the oracle itself
     examples = head[::3]  # ~1,460 questions spread over all 12 articles
     enc, starts, ends = run_qa_features(hf, examples, max_len, stride)
     f = ts.featurize(examples, tokenizer, max_len, stride, train=True)
@@ -214,7 +240,8 @@ def test_perfect_logits_give_back_the_labelled_spans(head, head_features):
     assert time.perf_counter() - t < 5
     # every question with a labelled span of at most 30 tokens gets exactly that span's text back
     expected = {}
-    for w, (i, s, e) in enumerate(zip(f["example_index"].tolist(), f["start_positions"].tolist(), f["end_positions"].tolist())):
+    labels = zip(f["example_index"].tolist(), f["start_positions"].tolist(), f["end_positions"].tolist())
+    for w, (i, s, e) in enumerate(labels):
         if s > 0 and e - s < 30:
             expected[head[i]["id"]] = head[i]["context"][f["offsets"][w, s, 0]:f["offsets"][w, e, 1]]
     assert len(expected) > 0.99 * len(head)
@@ -293,7 +320,8 @@ def data_dir(tmp_path, monkeypatch):
 
 
 def test_squad_file_downloads_once_with_md5(http_server, data_dir, monkeypatch):
-    monkeypatch.setitem(ts.SQUAD_URLS, "dev", ("https://example.invalid/dev-v1.1.json", hashlib.md5(SMALL).hexdigest()))
+    monkeypatch.setitem(ts.SQUAD_URLS, "dev",
+                        ("https://example.invalid/dev-v1.1.json", hashlib.md5(SMALL).hexdigest()))
     monkeypatch.setenv("SQUAD_URL_BASE", http_server({"/dev-v1.1.json": SMALL}))
     path = ts.squad_file("dev")
     assert path == data_dir / "squad/dev-v1.1.json" and path.read_bytes() == SMALL

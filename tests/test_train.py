@@ -38,7 +38,8 @@ def test_small_preset_runs_finetune_prune_compact_fill_eval(small_run):
 def test_report_densities_equal_what_the_weights_hold(small_run):
     out, results = small_run
     filled = BertForQuestionAnswering.from_pretrained(out / "filled")
-    held = sum(getattr(layer, n).weight.numel() for layer in filled.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
+    held = sum(getattr(layer, n).weight.numel()
+               for layer in filled.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
     r = results["structure"]
     assert r["linear_params"] == held
     assert r["linear_density"] == pytest.approx(held / bp.linear_params(ts.load_checkpoint("tiny")[0].config))
@@ -67,11 +68,18 @@ def test_teacher_with_another_vocab_is_refused(small_run, tmp_path, shared):
     ("--final_threshold", "1.2", "--final_threshold must be in"),
     ("--block", "24x24", "do not divide"),
     ("--target_density", "1.5", "--target_density must be in (0, 1]"),
+    ("--target_speedup", "0.5", "--target_speedup must be at least 1"),
+    ("--target_speedup", "2 --target_density 0.5", "--target_density and --target_speedup exclude each other"),
+    ("--output_dir", str(ts.DATA_DIR / "sample-dev.json"), "is a file, expected a directory"),
+    ("--learning_rate", "-1", "--learning_rate must be a number >= 0, got -1.0"),
+    ("--n_best_size", "0", "--n_best_size must be positive"),
+    ("--device", "bogus", "--device: 'cpu', 'cuda' or 'cuda:N', got 'bogus'"),
+    ("--max_seq_length", "256", "256 tokens, more than the model's max_position_embeddings 128"),
 ])
 def test_invalid_flags_are_refused_with_the_flag_named(small_run, tmp_path, flag, value, message, capsys):
     out, _ = small_run
-    with pytest.raises((SystemExit, ValueError)) as e:
-        run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), flag, value)
+    with pytest.raises((SystemExit, ValueError, OSError)) as e:
+        run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), flag, *value.split())
     assert message in (str(e.value) + capsys.readouterr().err)
 
 
@@ -113,6 +121,18 @@ def test_default_recipe_without_network_fails_fast_naming_the_url(tmp_path):
     assert "pass its directory" in p.stderr
 
 
+def test_minilm_preset_without_its_files_says_where_to_get_them(tmp_path):
+    import subprocess
+    import sys
+    env = {**__import__("os").environ, "BLOCKPRUNE_SHARED": str(tmp_path / "empty")}  # a fork: no ../shared
+    p = subprocess.run([sys.executable, str(ts.Path(ts.__file__)), "--preset", "minilm", "--output_dir",
+                        str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
+    for needed in (str(tmp_path / "empty" / "squad/dev-v1.1.json"), "sentence-transformers/all-MiniLM-L6-v2",
+                   "https://rajpurkar.github.io/SQuAD-explorer/dataset/", "4,370", "--train_file"):
+        assert needed in p.stderr
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_training_path_runs(tmp_path, precision):
     # on GPU these are the defaults (bf16) or a flag (fp16 with a gradient scaler); CPU autocast runs the same code
@@ -141,6 +161,16 @@ def test_several_target_densities_prune_from_one_teacher(small_run, tmp_path):
         assert (tmp_path / "f1-speedup.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_target_speedup_lands_on_its_flops_and_is_measured(small_run, tmp_path):
+    out, _ = small_run
+    run(tmp_path, "--teacher", str(out / "teacher"), "--target_speedup", "1.8", "--num_train_epochs", "4",
+        "--initial_warmup", "1", "--final_warmup", "1", "--fill_epochs", "1")
+    results = json.loads((tmp_path / "results.json").read_text())
+    r = results["structure"]  # the compact stage's report.json, FLOPs counted at the small preset's length 128
+    assert r["predicted_speedup"] == pytest.approx(1.8, rel=0.05) and results["speedup"] > 0
+    assert r["predicted_speedup"] == r["flops_dense"] / r["flops"] and r["seq_len"] == 128
+
+
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])  # SIGINT: Ctrl-C
 def test_stop_signal_saves_the_state_and_resume_finishes_as_if_never_stopped(small_run, tmp_path, signal_name):
     import subprocess
@@ -156,7 +186,8 @@ def test_stop_signal_saves_the_state_and_resume_finishes_as_if_never_stopped(sma
             break
     err = p.stderr.read()
     assert p.wait(timeout=120) == 1 and f"stopped by {signal_name} after step" in err and "--resume" in err
-    assert (tmp_path / "stopped" / "training_state.pt").exists() and not (tmp_path / "stopped" / "scores.safetensors").exists()
+    stopped = tmp_path / "stopped"
+    assert (stopped / "training_state.pt").exists() and not (stopped / "scores.safetensors").exists()
     run(tmp_path / "stopped", *flags, "--resume")
     a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "stopped")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
@@ -166,9 +197,11 @@ def test_stop_signal_saves_the_state_and_resume_finishes_as_if_never_stopped(sma
 def test_transformers_teacher_runs_through_our_training_loop(tmp_path, shared):
     pytest.importorskip("transformers")
     import teacher_parity
-    m = teacher_parity.main(["--preset", "small", "--model_name_or_path", str(shared / "models/paraphrase-MiniLM-L3-v2"),
-                             "--output_dir", str(tmp_path), "--finetune_epochs", "1"])
-    assert 0 <= m["f1"] <= 100 and (tmp_path / "predictions.json").exists() and (tmp_path / "model.safetensors").exists()
+    m = teacher_parity.main(["--preset", "small", "--model_name_or_path",
+                             str(shared / "models/paraphrase-MiniLM-L3-v2"), "--output_dir", str(tmp_path),
+                             "--finetune_epochs", "1"])
+    assert 0 <= m["f1"] <= 100
+    assert (tmp_path / "predictions.json").exists() and (tmp_path / "model.safetensors").exists()
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_state(small_run, tmp_path, monkeypatch, capsys):
@@ -201,6 +234,47 @@ def test_vocab_larger_than_the_model_is_refused(tmp_path):
     (tmp_path / "vocab.txt").write_text(vocab.read_text() + "extra1\nextra2\n")
     with pytest.raises(ValueError, match=r"vocab.txt has more tokens than the model's vocab_size 452"):
         ts.load_checkpoint(str(tmp_path))
+
+
+def test_teacher_vocab_is_compared_token_by_token_naming_the_first_difference(tmp_path):
+    import re
+    model, vocab, _ = ts.load_checkpoint("tiny")
+    model.save_pretrained(tmp_path, vocab)
+    tokens = vocab.read_text(encoding="utf-8").splitlines()
+    (tmp_path / "vocab.txt").write_bytes("\r\n".join(tokens).encode())  # CRLF, no final newline: the same tokens
+    assert ts.load_teacher(str(tmp_path), vocab) is not None
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens[:5] + ["other"] + tokens[6:]))
+    with pytest.raises(ValueError, match=re.escape(f"{vocab} at line 6: 'other' in the teacher's, {tokens[5]!r} in")):
+        ts.load_teacher(str(tmp_path), vocab)
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("config.json", "[]", "config.json: not a usable BERT config"),
+    ("vocab.txt", b"[PAD]\n\xff\n", "vocab.txt: not UTF-8 text"),
+    ("tokenizer_config.json", '{"do_lower_case": "no"}', "expected a JSON object with do_lower_case true or false"),
+    ("prune_config.json", '{"block": "8x8", "bogus": 1}', "prune_config.json: not a usable prune config"),
+    ("prune_config.json", '{"block": "16x16"}', "scores.safetensors: 8 scores do not fit the model and prune_config"),
+    ("scores.safetensors", b"", "scores.safetensors: corrupt or truncated safetensors file"),
+])
+def test_broken_checkpoint_file_is_named_in_one_line(tmp_path, name, body, message):
+    model, vocab, _ = ts.load_checkpoint("tiny")
+    ts.save_checkpoint(bp.MaskedBert(model, bp.PruneConfig(block="8x8")), tmp_path, vocab, True)
+    (tmp_path / name).write_bytes(body.encode() if isinstance(body, str) else body)
+    with pytest.raises(ValueError) as e:
+        ts.load_checkpoint(str(tmp_path))
+    assert f"{tmp_path}/" in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_teacher_left_empty_outside_stage_all_is_refused_naming_the_flag():
+    with pytest.raises(ValueError, match="--teacher: give the fine-tuned checkpoint"):
+        ts.load_teacher("", ts.DATA_DIR / "sample-vocab.txt")
+
+
+def test_unreadable_training_state_is_named_and_kept(tmp_path):
+    (tmp_path / "training_state.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="training_state.pt: not a training state of this stage and model"):
+        run(tmp_path, "--stage", "finetune", "--resume")
+    assert (tmp_path / "training_state.pt").read_bytes() == b"garbage"  # nothing written is lost
 
 
 def torchrun(*flags):
@@ -240,7 +314,8 @@ def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
     model, vocab, _ = ts.load_checkpoint("tiny")  # with dropout: each process's generator must come back
     model.save_pretrained(tmp_path / "start", vocab)
     flags = ["--preset", "small", "--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"),
-             "--finetune_epochs", "8", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--save_steps", "0"]
+             "--finetune_epochs", "8", "--per_device_train_batch_size", "8", "--logging_steps", "1",
+             "--save_steps", "0"]
     assert torchrun(*flags, "--output_dir", str(tmp_path / "whole")).wait(timeout=300) == 0
     p = torchrun(*flags, "--output_dir", str(tmp_path / "stopped"))
     for line in p.stderr:
@@ -256,8 +331,49 @@ def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
 
 def test_whole_recipe_runs_under_torchrun(tmp_path):
     p = torchrun("--preset", "small", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "8",
-                 "--finetune_epochs", "1", "--num_train_epochs", "2", "--initial_warmup", "0.5", "--final_warmup", "0.5",
-                 "--fill_epochs", "1", "--target_density", "0.5")
+                 "--finetune_epochs", "1", "--num_train_epochs", "2", "--initial_warmup", "0.5",
+                 "--final_warmup", "0.5", "--fill_epochs", "1", "--target_density", "0.5")
     assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["structure"]["linear_density"] == pytest.approx(0.5, abs=0.02) and results["speedup"] > 0
+
+
+def test_cached_teacher_logits_give_the_live_teachers_losses_scores_and_f1(small_run, tmp_path, monkeypatch):
+    flags = ["--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--num_train_epochs", "2",
+             "--initial_warmup", "0.5", "--final_warmup", "0.5"]
+    distillation_loss, losses, f1 = bp.distillation_loss, {}, {}
+    for name, extra in (("cached", []), ("live", ["--no_teacher_cache"])):
+        losses[name] = []
+        monkeypatch.setattr(bp, "distillation_loss", lambda *a, **k: losses[name].append(distillation_loss(*a, **k))
+                            or losses[name][-1])
+        f1[name] = run(tmp_path / name, *flags, *extra)["f1"]
+    assert len(losses["cached"]) == len(losses["live"]) == 30
+    for a, b in zip(losses["cached"], losses["live"]):
+        assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    a, b = bp.load_masked(tmp_path / "cached"), bp.load_masked(tmp_path / "live")
+    for k in a.scores:
+        assert torch.allclose(a.scores[k], b.scores[k], atol=1e-5), k
+    assert f1["cached"] == f1["live"]
+
+
+def test_unreadable_teacher_logit_cache_is_computed_again(small_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ts, "DATA_DIR", tmp_path)  # the caches go to tmp_path/cache
+    args = ts.parse_args(["--preset", "small"])
+    teacher = str(small_run[0] / "teacher")
+    vocab = ts.load_checkpoint(teacher)[1]
+    first = ts.features_for(args, vocab, True, "train")[1]
+    assert ts.teacher_logits(args, teacher, vocab, first) is None  # cached: no teacher to run live
+    [path] = (tmp_path / "cache").glob("teacher-logits-*.pt")
+    path.write_bytes(path.read_bytes()[:100])  # a truncated file
+    again = ts.features_for(args, vocab, True, "train")[1]
+    ts.teacher_logits(args, teacher, vocab, again)
+    assert "unreadable cache" in capsys.readouterr().err
+    assert torch.equal(first["teacher_start"], again["teacher_start"])
+
+
+def test_a_presets_several_densities_leave_single_stages_alone_and_none_switches_them_off(small_run, tmp_path):
+    assert ts.parse_args(["--preset", "minilm", "--target_density", "none"]).target_density is None
+    assert ts.parse_args(["--preset", "minilm"]).target_density == [0.5, 0.25]
+    teacher = str(small_run[0] / "teacher")
+    m = run(tmp_path, "--stage", "eval", "--model_name_or_path", teacher, "--target_density", "0.5", "0.3")
+    assert m["f1"] == small_run[1]["teacher"]["f1"]
