@@ -1,5 +1,8 @@
 """The training script end to end on the small preset (tiny random BERT, hand-made sample in data/)."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -108,12 +111,10 @@ def test_killed_pruning_run_resumes_as_if_never_stopped(small_run, tmp_path, mon
 
 def test_default_recipe_without_network_fails_fast_naming_the_url(tmp_path):
     import socket
-    import subprocess
-    import sys
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**__import__("os").environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
     p = subprocess.run([sys.executable, str(ts.Path(ts.__file__)), "--output_dir", str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" not in p.stderr
@@ -122,9 +123,7 @@ def test_default_recipe_without_network_fails_fast_naming_the_url(tmp_path):
 
 
 def test_minilm_preset_without_its_files_says_where_to_get_them(tmp_path):
-    import subprocess
-    import sys
-    env = {**__import__("os").environ, "BLOCKPRUNE_SHARED": str(tmp_path / "empty")}  # a fork: no ../shared
+    env = {**os.environ, "BLOCKPRUNE_SHARED": str(tmp_path / "empty")}  # a fork: no ../shared
     p = subprocess.run([sys.executable, str(ts.Path(ts.__file__)), "--preset", "minilm", "--output_dir",
                         str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
@@ -173,8 +172,6 @@ def test_target_speedup_lands_on_its_flops_and_is_measured(small_run, tmp_path):
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])  # SIGINT: Ctrl-C
 def test_stop_signal_saves_the_state_and_resume_finishes_as_if_never_stopped(small_run, tmp_path, signal_name):
-    import subprocess
-    import sys
     flags = ["--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--num_train_epochs", "3",
              "--initial_warmup", "1", "--final_warmup", "1", "--save_steps", "0", "--logging_steps", "5"]
     run(tmp_path / "whole", *flags)
@@ -278,8 +275,6 @@ def test_unreadable_training_state_is_named_and_kept(tmp_path):
 
 
 def torchrun(*flags):
-    import subprocess
-    import sys
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(ts.Path(ts.__file__)), *flags], stderr=subprocess.PIPE, text=True,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
