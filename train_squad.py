@@ -155,9 +155,9 @@ def load_teacher(teacher_path, vocab):
         raise ValueError("--teacher: give the fine-tuned checkpoint to distil from ('' fine-tunes one only with "
                          "--stage all)")
     teacher, t_vocab, _ = load_checkpoint(teacher_path)
-    # the token lists as the tokenizer reads them (one a line, trailing white space dropped), not the bytes:
+    # the token lists as the tokenizer reads them (load_tokenizer's WordPiece.read_file), not the bytes:
     # CRLF line endings or a final newline change no token id
-    theirs, ours = ([t.rstrip() for t in Path(v).read_text(encoding="utf-8").removesuffix("\n").split("\n")]
+    theirs, ours = ([t for t, _ in sorted(WordPiece.read_file(str(v)).items(), key=lambda item: item[1])]
                     for v in (t_vocab, vocab))
     if theirs != ours:
         i = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
