@@ -269,8 +269,8 @@ def stage_all(args, out):
     if not teacher:
         teacher_metrics = once(args, out / "teacher", stage_finetune, args.model_name_or_path)
         teacher = str(out / "teacher")
-    else:
-        teacher_metrics = once(args, out / "teacher", stage_eval, teacher)
+    else:  # its own fine-tuning's metrics.json serves when made on this dev set with these settings
+        teacher_metrics = evaluated(args, Path(teacher)) or once(args, out / "teacher", stage_eval, teacher)
     key = "target_speedup" if args.target_speedup else "target_density"
     targets = getattr(args, key) or [None]
     runs = {}
@@ -397,7 +397,8 @@ def evaluate(args, model, examples, features, out_dir, name):
         return None
     start, end, seconds = predict(args, model, features)
     predictions = postprocess(examples, features, start, end, args.n_best_size, args.max_answer_length)
-    metrics = {**squad_evaluate(examples, predictions), "eval_seconds": seconds, "windows": len(start)}
+    metrics = {**squad_evaluate(examples, predictions), "eval_seconds": seconds, "windows": len(start),
+               "evaluated_on": eval_key(args)}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "predictions.json", json.dumps(predictions).encode())
     atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
@@ -405,6 +406,27 @@ def evaluate(args, model, examples, features, out_dir, name):
     (out_dir / "training_state.pt").unlink(missing_ok=True)
     log(f"{name}: EM {metrics['exact_match']:.2f} F1 {metrics['f1']:.2f} ({seconds:.1f} s in the model)")
     return metrics
+
+
+def eval_key(args):
+    """What a dev score depends on besides the model: the dev file's bytes and the evaluation settings."""
+    h = hashlib.sha256(squad_file(args.dev_file).read_bytes())
+    h.update(repr((args.max_seq_length, args.doc_stride, args.n_best_size, args.max_answer_length,
+                   args.precision)).encode())
+    return h.hexdigest()[:16]
+
+
+def evaluated(args, model_dir):
+    """model_dir's metrics.json when it was made on this dev set with these settings (eval_key), else None:
+    --stage all then does not evaluate a given --teacher again (11 minutes on CPU for the MiniLM study)."""
+    try:
+        metrics = json.loads((model_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a hub name, no metrics, not JSON
+        return None
+    if isinstance(metrics, dict) and metrics.get("evaluated_on") == eval_key(args):
+        log(f"--teacher {model_dir}: its metrics.json is of this dev set and these settings; not evaluated again")
+        return metrics
+    return None
 
 
 # ---- models ----------------------------------------------------------------------------------------

@@ -156,8 +156,20 @@ def test_several_target_densities_prune_from_one_teacher(small_run, tmp_path):
         assert runs[name]["structure"]["linear_density"] == pytest.approx(d, abs=0.02)
         assert json.loads((tmp_path / name / "results.json").read_text())["speedup"] == runs[name]["speedup"]
     assert runs["d30"]["speedup"] > 1
+    # the given teacher's own metrics.json (same dev file and settings) served: it was not evaluated again
+    assert not (tmp_path / "teacher").exists() and runs["d30"]["teacher"] == small_run[1]["teacher"]
     if ts.plot_study(runs, tmp_path / "plot.png"):  # matplotlib installed: the study's picture is drawn
         assert (tmp_path / "f1-speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_given_teacher_is_evaluated_again_only_for_another_dev_set_or_settings(small_run, tmp_path):
+    teacher = small_run[0] / "teacher"
+    assert ts.evaluated(ts.parse_args(["--preset", "small"]), teacher) == small_run[1]["teacher"]
+    assert ts.evaluated(ts.parse_args(["--preset", "small", "--max_answer_length", "10"]), teacher) is None
+    other = tmp_path / "dev.json"
+    other.write_text((ts.DATA_DIR / "sample-dev.json").read_text()[:-1] + " ")  # the same questions, other bytes
+    assert ts.evaluated(ts.parse_args(["--preset", "small", "--dev_file", str(other)]), teacher) is None
+    assert ts.evaluated(ts.parse_args(["--preset", "small"]), tmp_path) is None  # no metrics.json
 
 
 def test_target_speedup_lands_on_its_flops_and_is_measured(small_run, tmp_path):
