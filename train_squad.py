@@ -49,7 +49,7 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
     a teacher model) or pruning (and a PruneConfig, its schedule already in steps). Returns the model,
     or the MaskedBert when pruning. dev = (examples, features) is scored every --eval_steps. Resuming,
     torchrun and stop signals live in small helpers at the end of this file."""
-    total, accum = max(1, round(epochs * steps_per_epoch(args, features))), args.gradient_accumulation_steps
+    total, accum = total_steps(args, features, epochs), args.gradient_accumulation_steps
     net = bp.MaskedBert(model, prune) if prune else model
     net.to(args.device).train()
     groups = (bp.param_groups(net, lr, args.mask_scores_learning_rate, args.weight_decay) if prune else
@@ -141,13 +141,13 @@ def stage_finetune(args, model_path, out):
     model, vocab, lowercase = load_checkpoint(model_path)
     _, features = features_for(args, vocab, lowercase, "train")
     dev = features_for(args, vocab, lowercase, "dev")
-    steps = args.finetune_epochs * steps_per_epoch(args, features)
+    steps = total_steps(args, features, args.finetune_epochs)
     model = train(args, "finetune", model, features, args.finetune_epochs, args.learning_rate,
                   round(args.warmup_ratio * steps), out, dev=dev)
     if get_rank():
         return None  # under torchrun the first process saves and evaluates
     save_checkpoint(model, out, vocab, lowercase)
-    return evaluate(args, model, *dev, out, "finetune")
+    return evaluate(args, model, *dev, out, "finetune", steps)
 
 
 def load_teacher(teacher_path, vocab):
@@ -219,7 +219,7 @@ def stage_prune(args, model_path, teacher_path, out):
     if get_rank():
         return None
     save_checkpoint(masked, out, vocab, lowercase)
-    return evaluate(args, masked, *dev, out, "prune (masked)")
+    return evaluate(args, masked, *dev, out, "prune (masked)", total_steps(args, features, args.num_train_epochs))
 
 
 def stage_compact(args, masked_path, out):
@@ -253,7 +253,7 @@ def stage_fill(args, compact_path, teacher_path, out):
     if get_rank():
         return None
     save_checkpoint(model, out, vocab, lowercase)
-    return evaluate(args, model, *dev, out, "fill")
+    return evaluate(args, model, *dev, out, "fill", total_steps(args, features, args.fill_epochs))
 
 
 def stage_eval(args, model_path, out):
@@ -323,7 +323,9 @@ def once(args, d, fn, *a):
 
 
 def prune_compact_fill(args, out, teacher, teacher_metrics):
-    results = {"teacher": teacher_metrics}
+    # the settings of the run (for the README's table and docs/plot_study.py), then its figures
+    results = {"args": {k: v if isinstance(v, (bool, int, float, str, list, type(None))) else str(v)
+                        for k, v in vars(args).items()}, "teacher": teacher_metrics}
     results["pruned"] = once(args, out / "pruned", stage_prune, args.model_name_or_path, teacher)
     if not get_rank():
         results["structure"] = stage_compact(args, out / "pruned", out / "compact")
@@ -354,7 +356,7 @@ def prune_compact_fill(args, out, teacher, teacher_metrics):
 def prune_config(args, epoch_steps):
     """The pruning run's PruneConfig, its schedule in steps (Sec. 3): --initial_warmup epochs at threshold 0,
     a cubic ramp, --final_warmup epochs at the final threshold, over --num_train_epochs."""
-    total = max(1, round(args.num_train_epochs * epoch_steps))
+    total = max(1, round(args.num_train_epochs * epoch_steps))  # as total_steps
     return bp.PruneConfig(block=args.block, pruning_method=args.pruning_method, final_threshold=args.final_threshold,
                           final_lambda=args.final_lambda, attention_lambda=args.attention_lambda,
                           ffn_lambda=args.ffn_lambda, gate_dead_heads=args.gate_dead_heads,
@@ -390,15 +392,15 @@ def predict(args, model, features, trim=True):
     return start, end, seconds
 
 
-def evaluate(args, model, examples, features, out_dir, name):
-    """Dev EM/F1 with the official metric; predictions.json and metrics.json into out_dir (by the first
-    process only, under torchrun)."""
+def evaluate(args, model, examples, features, out_dir, name, steps=None):
+    """Dev EM/F1 with the official metric; predictions.json and metrics.json (with the training steps that made
+    the model, when given) into out_dir, by the first process only under torchrun."""
     if get_rank():
         return None
     start, end, seconds = predict(args, model, features)
     predictions = postprocess(examples, features, start, end, args.n_best_size, args.max_answer_length)
     metrics = {**squad_evaluate(examples, predictions), "eval_seconds": seconds, "windows": len(start),
-               "evaluated_on": eval_key(args)}
+               "evaluated_on": eval_key(args), **({"steps": steps} if steps else {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "predictions.json", json.dumps(predictions).encode())
     atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
@@ -950,6 +952,10 @@ def steps_per_epoch(args, features):
                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps} x {world_size()} "
                          f"processes is larger than the {len(features['input_ids'])} training windows")
     return len(features["input_ids"]) // global_batch
+
+
+def total_steps(args, features, epochs):
+    return max(1, round(epochs * steps_per_epoch(args, features)))
 
 
 def get_batch(args, features, step, micro):

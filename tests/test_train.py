@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,8 +159,18 @@ def test_several_target_densities_prune_from_one_teacher(small_run, tmp_path):
     assert runs["d30"]["speedup"] > 1
     # the given teacher's own metrics.json (same dev file and settings) served: it was not evaluated again
     assert not (tmp_path / "teacher").exists() and runs["d30"]["teacher"] == small_run[1]["teacher"]
-    if ts.plot_study(runs, tmp_path / "plot.png"):  # matplotlib installed: the study's picture is drawn
-        assert (tmp_path / "f1-speedup.png").read_bytes()[:4] == b"\x89PNG"
+    # the settings and steps behind each row, for the README and docs/plot_study.py
+    assert runs["d30"]["args"]["target_density"] == [0.3] and runs["d30"]["args"]["num_train_epochs"] == 6
+    assert runs["d30"]["pruned"]["steps"] == 6 * runs["d30"]["filled"]["steps"] > 0
+    script = Path(ts.__file__).parent / "docs" / "plot_study.py"
+    plots = subprocess.run([sys.executable, script, tmp_path / "d60", tmp_path / "d30", "--out", tmp_path],
+                           capture_output=True, text=True)
+    if ts.plot_study(runs, tmp_path / "plot.png"):  # matplotlib installed: the study's pictures are drawn
+        assert plots.returncode == 0, plots.stderr
+        for png in ("f1-speedup.png", "budget.png"):
+            assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert "error: matplotlib is not installed" in plots.stderr
 
 
 def test_a_given_teacher_is_evaluated_again_only_for_another_dev_set_or_settings(small_run, tmp_path):

@@ -1,0 +1,75 @@
+"""
+The README's two study plots, from the results.json of runs made by `train_squad.py --stage all`:
+
+    python docs/plot_study.py runs/minilm/d50 runs/minilm/d25 runs/minilm-long ...   # -> docs/*.png
+
+- f1-speedup.png: F1 lost against the dense teacher per measured speed-up, every run given, with the paper's
+  BERT-base points (train_squad.plot_study);
+- budget.png: F1 lost per pruning steps (log scale) for the runs of one target density, masked and filled,
+  with the paper's d26 run (20 epochs of 5,400 steps): how far more steps close the gap.
+Needs matplotlib (not a dependency of the project: `pip install matplotlib`).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_squad as ts  # noqa: E402
+
+PAPER_BUDGET = (20 * 5400, 88.5 - 87.71, "paper, d26 filled")  # docs/paper.md: steps, F1 lost, label
+
+
+def plot_budget(runs, path):
+    """F1 lost against the dense teacher per pruning steps, one line per target density (masked: hollow, filled:
+    solid). Runs without a target density or without steps in their metrics are left out. False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    by_density = {}
+    for name, r in runs.items():
+        d, steps = (r.get("args") or {}).get("target_density"), r["pruned"].get("steps")
+        if d and steps:
+            by_density.setdefault(d[0], []).append((steps, r["teacher"]["f1"] - r["pruned"]["f1"],
+                                                    r["teacher"]["f1"] - r["filled"]["f1"], name))
+    for d, points in sorted(by_density.items()):
+        points.sort()
+        x = [p[0] for p in points]
+        line, = ax.plot(x, [p[2] for p in points], "o-", label=f"ours, {100 * d:g} %, filled")
+        ax.plot(x, [p[1] for p in points], "o--", mfc="none", color=line.get_color(),
+                label=f"ours, {100 * d:g} %, masked")
+        for steps, _, lost, name in points:
+            ax.annotate(name, (steps, lost), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot(*PAPER_BUDGET[:2], "s", label=f"{PAPER_BUDGET[2]} (BERT-base, 88k questions)")
+    ax.set_xscale("log")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel="pruning steps (batch 16)", ylabel="F1 lost against the dense teacher")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="output directories of finished --stage all runs")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="where the PNGs go")
+    args = p.parse_args(argv)
+    out, runs = args.out, {}
+    for d in args.runs:
+        try:
+            runs[f"{d.parent.name}/{d.name}"] = json.loads((d / "results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {d / 'results.json'}: expected the results of a finished --stage all run ({e})")
+    if not (ts.plot_study(runs, out / "f1-speedup.png") and plot_budget(runs, out / "budget.png")):
+        sys.exit("error: matplotlib is not installed (pip install matplotlib)")
+    print(f"wrote {out / 'f1-speedup.png'} and {out / 'budget.png'}")
+
+
+if __name__ == "__main__":
+    main()
