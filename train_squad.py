@@ -55,7 +55,9 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
     groups = (bp.param_groups(net, lr, args.mask_scores_learning_rate, args.weight_decay) if prune else
               [{"params": list(net.parameters()), "lr": lr, "weight_decay": args.weight_decay}])
     opt = torch.optim.AdamW(groups, eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, total))  # every group alike
+    # linear warm-up then linear decay to 0, every group alike
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(1, warmup_steps),
+                                                                 max(0.0, (total - s) / max(1, total - warmup_steps))))
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.precision == "fp16")
     state = TrainingState(out_dir / "training_state.pt", net, opt, sched, scaler)
     step = state.load(args.device, stage) if args.resume else 0
@@ -116,14 +118,6 @@ def qa_loss(args, start, end, batch, teacher=None):
         return (F.cross_entropy(start, start_pos) + F.cross_entropy(end, end_pos)) / 2
     return bp.distillation_loss(start, end, t_start, t_end, start_pos, end_pos, args.temperature,
                                 args.alpha_distil, args.alpha_ce)
-
-
-def lr_factor(step, warmup_steps, total):
-    """Linear warm-up from 0, then linear decay to 0 at the last step: transformers'
-    get_linear_schedule_with_warmup, which the reference implementation trains with (its first step has lr 0)."""
-    if step < warmup_steps:
-        return step / warmup_steps
-    return max(0.0, (total - step) / max(1, total - warmup_steps))
 
 
 # ---- the stages ------------------------------------------------------------------------------------

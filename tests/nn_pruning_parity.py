@@ -4,9 +4,8 @@ step. The same tiny BERT (random weights, dropout off, a random teacher) is prun
 hybrid settings: one score per block of Q, K, V and the attention output, one per FFN unit shared by its
 FFN-in row and FFN-out column, sigmoid threshold with a straight-through gradient, masked biases, the L1
 regulariser weighted 1 (attention) and 0.25 (FFN), the cubic threshold schedule with lambda following it,
-distillation at T = 2, AdamW with the lr warmed up then decayed (transformers' schedule on its side, ours on
-ours). Each step compares threshold, lambda, regulariser, loss and lr; at the end every score, weight and mask.
-Exit status 1 when they differ.
+distillation at T = 2, AdamW with the lr warmed up then decayed. Each step compares threshold, lambda,
+regulariser and loss; at the end every score, weight and mask. Exit status 1 when they differ.
 
     python tests/nn_pruning_parity.py
 
@@ -25,7 +24,6 @@ from nn_pruning.patch_coordinator import ModelPatchingCoordinator, SparseTrainin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import blockprune as bp  # noqa: E402
-import train_squad as ts  # noqa: E402
 from bert import BertConfig, BertForQuestionAnswering, to_hf_name  # noqa: E402
 
 STEPS, WARMUP, BLOCK = 16, 2, 8  # warm-up: 1 x WARMUP steps at threshold 0, the ramp, then 2 x WARMUP at the final
@@ -65,6 +63,10 @@ def batch(step):
     return ids, mask, types, torch.randint(0, 20, (8,), generator=g), torch.randint(0, 20, (8,), generator=g)
 
 
+def lr_factor(step):  # transformers' get_linear_schedule_with_warmup, used by the reference's trainer
+    return step / WARMUP if step < WARMUP else max(0.0, (STEPS - step) / (STEPS - WARMUP))
+
+
 def reference(min_parameters=0.0):
     args = SparseTrainingArguments(
         attention_pruning_method="sigmoied_threshold", dense_pruning_method="sigmoied_threshold:1d_alt",
@@ -80,7 +82,7 @@ def reference(min_parameters=0.0):
     train_args = type("TrainingArguments", (), {"learning_rate": LR, "weight_decay": 0.0})
     opt = torch.optim.AdamW(coordinator.create_optimizer_groups(model, train_args, args), lr=LR, eps=1e-8,
                             weight_decay=0.0)
-    sched = transformers.get_linear_schedule_with_warmup(opt, WARMUP, STEPS)  # what its trainer uses
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     log = []
     for step in range(STEPS):
         coordinator.schedule_threshold(step, STEPS, WARMUP, training=True)
@@ -94,7 +96,7 @@ def reference(min_parameters=0.0):
         loss.backward()
         opt.step(), sched.step(), opt.zero_grad()
         ctx = coordinator.patcher_context
-        log.append((ctx.get_context_data("threshold"), lam, float(regu.detach()), loss.item(), lr_factor(opt)))
+        log.append((ctx.get_context_data("threshold"), lam, float(regu.detach()), loss.item()))
     return model, log
 
 
@@ -104,7 +106,7 @@ def ours():
     net = bp.MaskedBert(tiny(0), config).train()
     teacher = tiny(1).eval()
     opt = torch.optim.AdamW(bp.param_groups(net, LR, SCORES_LR), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: ts.lr_factor(s, WARMUP, STEPS))  # train_squad.train's
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     log = []
     for step in range(STEPS):
         net.threshold, lam = bp.schedule(step, net)
@@ -117,7 +119,7 @@ def ours():
         loss = loss + lam * regu
         loss.backward()
         opt.step(), sched.step(), opt.zero_grad()
-        log.append((net.threshold, lam, regu.item(), loss.item(), lr_factor(opt)))
+        log.append((net.threshold, lam, regu.item(), loss.item()))
     return net, log
 
 
@@ -126,11 +128,6 @@ def their_scores(model, i, name):
     module = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
               "attn_out": "attention.output.dense", "ffn": "intermediate.dense"}[name]
     return model.get_submodule(prefix + module).mask_module.context_modules[0].mask_scores
-
-
-def lr_factor(opt):
-    """The lr of the next step as a fraction of the peak (the groups of the two sides are in another order)."""
-    return opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"]
 
 
 def mask_difference(theirs, masks):
@@ -150,10 +147,10 @@ def main():
     theirs, their_log = reference()
     net, our_log = ours()
     worst = 0.0
-    print("step | threshold ours / nn_pruning | lambda | regulariser | loss | next lr / peak")
+    print("step | threshold ours / nn_pruning | lambda | regulariser | loss")
     for step, (a, b) in enumerate(zip(our_log, their_log)):
         print(f"{step:>4} | {a[0]:.4f} / {b[0]:.4f} | {a[1]:.3f} / {b[1]:.3f} | {a[2]:.6f} / {b[2]:.6f} | "
-              f"{a[3]:.6f} / {b[3]:.6f} | {a[4]:.4f} / {b[4]:.4f}")
+              f"{a[3]:.6f} / {b[3]:.6f}")
         worst = max(worst, *(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)))
     scores = max((net.scores[f"layer{i}_{n}"] - their_scores(theirs, i, n)).abs().max().item()
                  for i in range(2) for n in bp.ATTENTION + ("ffn",))
@@ -167,7 +164,7 @@ def main():
     kept = sum(int(m.detach().sum()) for k, m in masks.items() if k.endswith(".weight"))
     total = sum(m.numel() for k, m in masks.items() if k.endswith(".weight"))
     differ = mask_difference(theirs, masks)
-    print(f"largest relative difference of threshold, lambda, regulariser, loss, lr over {STEPS} steps: {worst:.2e}")
+    print(f"largest relative difference of threshold, lambda, regulariser, loss over {STEPS} steps: {worst:.2e}")
     print(f"largest difference of a score: {scores:.2e}; of a weight: {weights:.2e} (not counting "
           f"{', '.join(noise)})")
     weights_masks = [m for k, m in masks.items() if k.endswith(".weight")]
