@@ -4,7 +4,7 @@ step. The same tiny BERT (random weights, dropout off, a random teacher) is prun
 hybrid settings: one score per block of Q, K, V and the attention output, one per FFN unit shared by its
 FFN-in row and FFN-out column, sigmoid threshold with a straight-through gradient, masked biases, the L1
 regulariser weighted 1 (attention) and 0.25 (FFN), the cubic threshold schedule with lambda following it,
-distillation at T = 2, AdamW with the lr warmed up then decayed. Each step compares threshold, lambda,
+distillation at T = 2, AdamW with the lr warmed up then decayed (transformers' schedule on both sides). Each step compares threshold, lambda,
 regulariser and loss; at the end every score, weight and mask. Exit status 1 when they differ.
 
     python tests/nn_pruning_parity.py
@@ -63,10 +63,6 @@ def batch(step):
     return ids, mask, types, torch.randint(0, 20, (8,), generator=g), torch.randint(0, 20, (8,), generator=g)
 
 
-def lr_factor(step):  # transformers' get_linear_schedule_with_warmup, used by the reference's trainer
-    return step / WARMUP if step < WARMUP else max(0.0, (STEPS - step) / (STEPS - WARMUP))
-
-
 def reference(min_parameters=0.0):
     args = SparseTrainingArguments(
         attention_pruning_method="sigmoied_threshold", dense_pruning_method="sigmoied_threshold:1d_alt",
@@ -82,7 +78,7 @@ def reference(min_parameters=0.0):
     train_args = type("TrainingArguments", (), {"learning_rate": LR, "weight_decay": 0.0})
     opt = torch.optim.AdamW(coordinator.create_optimizer_groups(model, train_args, args), lr=LR, eps=1e-8,
                             weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = transformers.get_linear_schedule_with_warmup(opt, WARMUP, STEPS)  # the reference's trainer's
     log = []
     for step in range(STEPS):
         coordinator.schedule_threshold(step, STEPS, WARMUP, training=True)
@@ -106,7 +102,7 @@ def ours():
     net = bp.MaskedBert(tiny(0), config).train()
     teacher = tiny(1).eval()
     opt = torch.optim.AdamW(bp.param_groups(net, LR, SCORES_LR), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = transformers.get_linear_schedule_with_warmup(opt, WARMUP, STEPS)  # the reference's trainer's
     log = []
     for step in range(STEPS):
         net.threshold, lam = bp.schedule(step, net)
