@@ -4,8 +4,9 @@ step. The same tiny BERT (random weights, dropout off, a random teacher) is prun
 hybrid settings: one score per block of Q, K, V and the attention output, one per FFN unit shared by its
 FFN-in row and FFN-out column, sigmoid threshold with a straight-through gradient, masked biases, the L1
 regulariser weighted 1 (attention) and 0.25 (FFN), the cubic threshold schedule with lambda following it,
-distillation at T = 2, AdamW with the lr warmed up then decayed (transformers' schedule on both sides). Each step compares threshold, lambda,
-regulariser and loss; at the end every score, weight and mask. Exit status 1 when they differ.
+distillation at T = 2, AdamW with the lr warmed up then decayed (transformers' schedule on both sides). Each
+step compares threshold, lambda, regulariser and loss; at the end every score, weight and mask. Exit status 1
+when they differ.
 
     python tests/nn_pruning_parity.py
 
