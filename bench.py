@@ -6,6 +6,7 @@ pruning training step against a dense one.
     python bench.py                   # everything this machine can run (CPU, and GPU if there is one)
     python bench.py --quick           # about a minute on 2 CPU cores: shorter sequences, fewer repeats
     python bench.py --json bench.json # also save the rows
+    python bench.py --device cuda     # only the GPU's rows (the CPU's take minutes of a lent GPU's time)
 
 Random weights: speed does not depend on them. Variants of a measurement take turns in one loop, so a
 slow moment of the machine hits them all; each figure is the median of the repeats after warm-up.
@@ -281,6 +282,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="length 128, small batches, fewer repeats, no memory: "
                    "about a minute on 2 CPU cores")
     p.add_argument("--json", metavar="PATH", help="save the rows as JSON")
+    p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
+                   help="which rows: all (CPU, and GPU if there is one), or only the CPU's or the GPU's")
     # the data files are not in the repository (README.md says where to get them); without them the dev
     # evaluation is skipped
     shared = Path(os.environ.get("BLOCKPRUNE_SHARED", Path(__file__).resolve().parent.parent / "shared"))
@@ -306,12 +309,17 @@ def main(argv=None):
           f"the reference implementation measured {REFERENCE_SPEEDUP}x", flush=True)
     rows = []
     cpu = torch.device("cpu")
-    for B in (1, 8):
+    devices = [d for d in ("cpu", "cuda") if args.device in ("all", d) and (d == "cpu" or torch.cuda.is_available())]
+    if not devices:
+        sys.exit("error: --device cuda: no GPU here")
+    for B in (1, 8) if "cpu" in devices else ():
         rows.append(bench_inference(cpu, "fp32", B, T, reps, warmup))
         show(rows[-1])
-    rows.append(bench_training(cpu, "fp32", 1 if args.quick else 8, T, min(reps, 3), warmup, memory=not args.quick))
-    show(rows[-1])
-    if torch.cuda.is_available():
+    if "cpu" in devices:
+        rows.append(bench_training(cpu, "fp32", 1 if args.quick else 8, T, min(reps, 3), warmup,
+                                   memory=not args.quick))
+        show(rows[-1])
+    if "cuda" in devices:
         gpu = torch.device("cuda")
         for dtype in ("bf16", "fp16"):
             rows.append(bench_inference(gpu, dtype, 128, T, reps, warmup))
@@ -320,7 +328,7 @@ def main(argv=None):
         show(rows[-1])
     vocab = Path(args.vocab)
     if Path(args.dev_file).exists() and vocab.exists():
-        for device in [cpu] + ([torch.device("cuda")] if torch.cuda.is_available() else []):
+        for device in map(torch.device, devices):
             windows = args.eval_windows or (0 if device.type == "cuda" else 16 if args.quick else 256)
             rows.append(bench_dev_evaluation(device, "fp32" if device.type == "cpu" else "fp16", args.dev_file,
                                              vocab, windows, 1 if args.quick else 2))

@@ -1,6 +1,7 @@
 """bench.py: the d26 structure it times and the way it judges its targets (the timings themselves are
 bench.py's job, not the tests')."""
 import pytest
+import torch
 
 import bench
 
@@ -21,3 +22,9 @@ def test_targets_are_judged_on_the_right_rows():
     assert v == ["met    inference cpu fp32 batch 8: d26 speed-up 3.500 (target >= 3.4)",
                  "MISSED inference cpu fp32 batch 8: ours over transformers, dense 0.970 (target >= 1.0)",
                  "MISSED training step cpu fp32 batch 8: prune over dense 1.200 (target <= 1.15)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this runs the GPU's rows")
+def test_gpu_rows_without_a_gpu_are_refused_in_one_line():
+    with pytest.raises(SystemExit, match="^error: --device cuda: no GPU here$"):
+        bench.main(["--device", "cuda"])
