@@ -278,38 +278,7 @@ def stage_all(args, out):
         sub = out if len(targets) == 1 else out / (f"s{t:g}x" if args.target_speedup else f"d{100 * t:g}")
         runs[sub.name] = prune_compact_fill(argparse.Namespace(**{**vars(args), key: t and [t]}), sub,
                                             teacher, teacher_metrics)
-    if len(targets) > 1 and not get_rank():
-        plot_study(runs, out / "f1-speedup.png")
     return runs[out.name] if len(targets) == 1 else runs
-
-
-# the paper's BERT-base points (docs/paper.md): (speed-up, F1 lost against its teacher, label)
-PAPER_POINTS = [(2.44, 88.5 - 87.71, "hybrid filled, d26"), (1.84, 88.5 - 88.72, "hybrid filled, d41"),
-                (3.64, 88.5 - 85.52, "struct, d14")]
-
-
-def plot_study(runs, path):
-    """F1 lost against the dense teacher, per speed-up: our pruned models, and the paper's for reference
-    (each against its own teacher, since the base models differ). PNG; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ours = sorted((r["speedup"], r["teacher"]["f1"] - r["filled"]["f1"], name) for name, r in runs.items())
-    ax.plot([x for x, _, _ in ours], [y for _, y, _ in ours], "o-", label="ours (this study)")
-    ax.plot([x for x, _, _ in PAPER_POINTS], [y for _, y, _ in PAPER_POINTS], "s", label="paper, BERT-base (GPU)")
-    for x, y, name in ours + PAPER_POINTS:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="speed-up over the dense teacher", ylabel="F1 lost against the dense teacher")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
 
 
 def once(args, d, fn, *a):

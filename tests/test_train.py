@@ -1,4 +1,5 @@
 """The training script end to end on the small preset (tiny random BERT, hand-made sample in data/)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -165,7 +166,7 @@ def test_several_target_densities_prune_from_one_teacher(small_run, tmp_path):
     script = Path(ts.__file__).parent / "docs" / "plot_study.py"
     plots = subprocess.run([sys.executable, script, tmp_path / "d60", tmp_path / "d30", "--out", tmp_path],
                            capture_output=True, text=True)
-    if ts.plot_study(runs, tmp_path / "plot.png"):  # matplotlib installed: the study's pictures are drawn
+    if importlib.util.find_spec("matplotlib"):  # installed: the study's pictures are drawn
         assert plots.returncode == 0, plots.stderr
         for png in ("f1-speedup.png", "budget.png"):
             assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
