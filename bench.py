@@ -312,10 +312,10 @@ def main(argv=None):
     devices = [d for d in ("cpu", "cuda") if args.device in ("all", d) and (d == "cpu" or torch.cuda.is_available())]
     if not devices:
         sys.exit("error: --device cuda: no GPU here")
-    for B in (1, 8) if "cpu" in devices else ():
-        rows.append(bench_inference(cpu, "fp32", B, T, reps, warmup))
-        show(rows[-1])
     if "cpu" in devices:
+        for B in (1, 8):
+            rows.append(bench_inference(cpu, "fp32", B, T, reps, warmup))
+            show(rows[-1])
         rows.append(bench_training(cpu, "fp32", 1 if args.quick else 8, T, min(reps, 3), warmup,
                                    memory=not args.quick))
         show(rows[-1])

@@ -213,7 +213,7 @@ def stage_prune(args, model_path, teacher_path, out):
     _, features = features_for(args, vocab, lowercase, "train")
     teacher = teacher_logits(args, teacher_path, vocab, features)
     dev = features_for(args, vocab, lowercase, "dev")
-    prune = prune_config(args, steps_per_epoch(args, features))
+    prune = prune_config(args, features)
     masked = train(args, "prune", model, features, args.num_train_epochs, args.learning_rate, prune.warmup_steps, out,
                    teacher, prune, dev)
     if get_rank():
@@ -322,10 +322,10 @@ def prune_compact_fill(args, out, teacher, teacher_metrics):
     return results
 
 
-def prune_config(args, epoch_steps):
+def prune_config(args, features):
     """The pruning run's PruneConfig, its schedule in steps (Sec. 3): --initial_warmup epochs at threshold 0,
     a cubic ramp, --final_warmup epochs at the final threshold, over --num_train_epochs."""
-    total = max(1, round(args.num_train_epochs * epoch_steps))  # as total_steps
+    epoch_steps, total = steps_per_epoch(args, features), total_steps(args, features, args.num_train_epochs)
     return bp.PruneConfig(block=args.block, pruning_method=args.pruning_method, final_threshold=args.final_threshold,
                           final_lambda=args.final_lambda, attention_lambda=args.attention_lambda,
                           ffn_lambda=args.ffn_lambda, gate_dead_heads=args.gate_dead_heads,

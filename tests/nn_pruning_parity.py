@@ -158,14 +158,13 @@ def main():
     weights = max((v - their_state[to_hf_name(k)]).abs().max().item()
                   for k, v in net.model.state_dict().items() if k not in noise)
     masks = net.masks(THRESHOLD)
-    kept = sum(int(m.detach().sum()) for k, m in masks.items() if k.endswith(".weight"))
-    total = sum(m.numel() for k, m in masks.items() if k.endswith(".weight"))
+    weights_masks = [m.detach() for k, m in masks.items() if k.endswith(".weight")]
+    kept, total = sum(int(m.sum()) for m in weights_masks), sum(m.numel() for m in weights_masks)
     differ = mask_difference(theirs, masks)
     print(f"largest relative difference of threshold, lambda, regulariser, loss over {STEPS} steps: {worst:.2e}")
     print(f"largest difference of a score: {scores:.2e}; of a weight: {weights:.2e} (not counting "
           f"{', '.join(noise)})")
-    weights_masks = [m for k, m in masks.items() if k.endswith(".weight")]
-    empty = sum(int(m.detach().sum()) == 0 for m in weights_masks)
+    empty = sum(int(m.sum()) == 0 for m in weights_masks)
     s = net.structure(THRESHOLD)
     print(f"masks at the final threshold: {differ} of {total} weights differ; {100 * kept / total:.1f} % of the "
           f"linear weights kept, heads alive per layer {s['heads']} of 4, FFN units {s['ffn']} of 128, {empty} of "
