@@ -7,6 +7,7 @@ pruning training step against a dense one.
     python bench.py --quick           # about a minute on 2 CPU cores: shorter sequences, fewer repeats
     python bench.py --json bench.json # also save the rows
     python bench.py --device cuda     # only the GPU's rows (the CPU's take minutes of a lent GPU's time)
+    python bench.py --study runs/minilm runs/minilm-long   # finished runs' final models, timed on this CPU
 
 Random weights: speed does not depend on them. Variants of a measurement take turns in one loop, so a
 slow moment of the machine hits them all; each figure is the median of the repeats after warm-up.
@@ -35,6 +36,9 @@ BASE = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_a
 # the released x2.44-f87.7-d26 model (docs/paper.md): heads and FFN width kept in layers 0..11
 D26 = replace(BASE, num_attention_heads=[4, 4, 6, 7, 7, 5, 6, 7, 5, 5, 5, 3], attention_head_size=64,
               intermediate_size=[552, 717, 795, 789, 833, 792, 620, 466, 283, 112, 96, 238])
+# the same with each FFN width rounded up to a multiple of 8 (zero units: the same function), the widths that
+# half-precision tensor-core matrix products want on GPU
+D26_FFN8 = replace(D26, intermediate_size=[-(-f // 8) * 8 for f in D26.intermediate_size])
 REFERENCE_SPEEDUP = 2.44  # what the paper's implementation measured for d26 on an RTX 3090
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -111,7 +115,7 @@ def build(config, device):
 @torch.no_grad()
 def bench_inference(device, dtype, B, T, reps, warmup):
     dense, d26 = build(BASE, device), build(D26, device)
-    fns = {"ours dense": ours(dense), "ours d26": ours(d26)}
+    fns = {"ours dense": ours(dense), "ours d26": ours(d26), "ours d26, FFN x8": ours(build(D26_FFN8, device))}
     hf_dense, hf_d26 = transformers_twin(dense), transformers_twin(d26)
     if hf_dense is not None:
         fns.update({"transformers dense": theirs(hf_dense), "transformers d26": theirs(hf_d26)})
@@ -125,6 +129,7 @@ def bench_inference(device, dtype, B, T, reps, warmup):
     t = timeit({k: run(f) for k, f in fns.items()}, reps, warmup, device)
     row = {"what": "inference", "device": device.type, "dtype": dtype, "batch": B, "seq": T, "seconds": t,
            "d26 speed-up": t["ours dense"] / t["ours d26"],
+           "d26 speed-up, FFN x8": t["ours dense"] / t["ours d26, FFN x8"],
            "flop bound": bp.encoder_flops(BASE, T) / bp.encoder_flops(D26, T)}
     if hf_dense is not None:
         row["ours over transformers, dense"] = t["transformers dense"] / t["ours dense"]
@@ -243,6 +248,49 @@ def bench_dev_evaluation(device, dtype, dev_file, vocab, windows, reps):
             "d26 speed-up": fwd["dense"] / fwd["d26"], "d26 speed-up, wall": wall["dense"] / wall["d26"]}
 
 
+# ---- 5: finished runs, timed on this machine ----------------------------------------------------
+
+def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
+    """The speed-up of each finished run's final model (filled/config.json beside its results.json: heads and
+    FFN width per layer) over the dense model of dense_dir, timed here as train_squad.py times it: padded dev
+    windows in batches of 128, the models taking turns after a warm-up, the fastest of 3 rounds; random
+    weights. For runs trained elsewhere (on a GPU, or beside other runs): the speed-up on this machine's CPU,
+    written into each results.json as speedup_cpu."""
+    import train_squad as ts
+    cpu = torch.device("cpu")
+    paths = sorted(p for d in run_dirs for p in Path(d).glob("**/results.json"))
+    if not paths:
+        sys.exit(f"error: --study: no results.json under {' '.join(run_dirs)}")
+    config = lambda d: bert.BertConfig.from_dict(json.loads((Path(d) / "config.json").read_text()))
+    models = {"dense": build(config(dense_dir), cpu)} | {str(p.parent): build(config(p.parent / "filled"), cpu)
+                                                          for p in paths}
+    T = {(a["max_seq_length"], a["doc_stride"]) for a in (json.loads(p.read_text())["args"] for p in paths)}
+    if len(T) > 1:
+        sys.exit(f"error: --study: the runs differ in --max_seq_length or --doc_stride ({sorted(T)}): time them apart")
+    (T, stride), = T
+    _, dev = ts.cached_features(dev_file, vocab, True, T, stride, False)
+    dev = {k: v[:windows] for k, v in dev.items()}
+    args = argparse.Namespace(device=cpu, precision="fp32", per_device_eval_batch_size=128)
+    seconds = {name: [] for name in models}
+    for name, model in models.items():  # warm-up: the first call of a model is slower (allocations)
+        ts.predict(args, model, {k: v[:128] for k, v in dev.items()}, trim=False)
+    for r in range(reps):  # in reverse order every other round, as timeit
+        for name, model in list(models.items())[::1 if r % 2 else -1]:
+            seconds[name].append(ts.predict(args, model, dev, trim=False)[2])
+    rows = []
+    for p in paths:
+        r = json.loads(p.read_text())
+        r["speedup_cpu"] = min(seconds["dense"]) / min(seconds[str(p.parent)])
+        bert.atomic_write(p, json.dumps(r, indent=2).encode())
+        s = r["structure"]
+        rows.append({"what": "study run", "run": str(p.parent), "device": "cpu", "windows": len(dev["input_ids"]),
+                     "heads": [x["heads"] for x in s["layers"]], "ffn": [x["ffn"] for x in s["layers"]],
+                     "predicted speed-up": s["predicted_speedup"], "speed-up": r["speedup_cpu"]})
+        print(f"{rows[-1]['run']}: heads {rows[-1]['heads']}, FFN {rows[-1]['ffn']}: "
+              f"{r['speedup_cpu']:.2f}x measured, {s['predicted_speedup']:.2f}x predicted", flush=True)
+    return rows
+
+
 # ---- the report -----------------------------------------------------------------------------------
 
 TARGETS = [  # (what, device, key, at least / at most, value, batch): the speed targets set for this project
@@ -291,6 +339,9 @@ def main(argv=None):
     p.add_argument("--vocab", default=str(shared / "models/all-MiniLM-L6-v2/vocab.txt"),
                    help="bert-base-uncased's vocab.txt (the MiniLM checkpoint's is the same file)")
     p.add_argument("--eval_windows", type=int, help="dev windows to evaluate (default: all on GPU, 256 on CPU)")
+    p.add_argument("--study", nargs="+", metavar="RUN_DIR", help="only time the final models of finished runs "
+                   "(every results.json under these) against --dense on this CPU; adds speedup_cpu to each")
+    p.add_argument("--dense", default=str(shared / "models/all-MiniLM-L6-v2"), help="--study's dense model")
     p.add_argument("--memory_of", help=argparse.SUPPRESS)  # the child process of peak_memory on CPU
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -300,6 +351,11 @@ def main(argv=None):
         fn(), fn()
         # VmHWM: this process's peak resident memory (ru_maxrss would count the parent's, inherited at fork)
         return print(int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) / 1024)
+    if args.study:
+        rows = bench_study(args.study, args.dense, args.dev_file, Path(args.vocab), args.eval_windows or 256)
+        if args.json:
+            bert.atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
+        return rows
     T = 128 if args.quick else 384
     reps, warmup = (2, 1) if args.quick else (5, 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"

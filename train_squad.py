@@ -790,8 +790,8 @@ def parse_args(argv=None):
     a("--target_speedup", type=number_or_none, nargs="+", help="instead of --final_threshold or --target_density: "
       "prune to 1 / this of the encoder's FLOPs at --max_seq_length (e.g. 2.5); likewise down the cubic ramp, "
       "several values, 'none'")
-    a("--gate_dead_heads", choices=["always", "eval"], default="always", help="mask the V of a head with no Q "
-      "or K left in training too ('always'), or only at evaluation ('eval': the head can come back)")
+    a("--gate_dead_heads", choices=["always", "eval"], default="eval", help="mask the V of a head with no Q "
+      "or K left only at evaluation ('eval': the head can come back), or in training too ('always')")
     a("--no_teacher_cache", action="store_true", help="run the teacher at every step instead of caching its logits")
     a("--speed_windows", type=int, default=0, help="time the speed-up on the first N dev windows (0: all)")
     a("--attention_lambda", type=float, default=1.0)
@@ -857,6 +857,10 @@ def main(argv=None):
                 "--model_name_or_path, --train_file, --dev_file (a hub name, 'train' or 'dev' downloads the file; "
                 "--train_file train is the whole train set)")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: one process per GPU (or CPU process, gloo)
+        if args.device.type == "cuda" and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+            raise ValueError(f"torchrun: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine but "
+                             f"{torch.cuda.device_count()} GPU(s): one process per GPU (--nproc_per_node), "
+                             "or --device cpu")
         # the others wait while the first evaluates: allow for a whole dev evaluation on CPU
         torch.distributed.init_process_group("nccl" if args.device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(hours=6))
@@ -1022,9 +1026,9 @@ class TrainingState:
                              f"{str(e).splitlines()[0][:200]}); move it away to start the stage afresh") from None
         if world_size() > 1 and len(state.get("rng_per_process", [])) == world_size():
             rng, cuda_rng = state["rng_per_process"][get_rank()]
-        torch.set_rng_state(rng)
+        torch.set_rng_state(rng.cpu())  # map_location put them on the GPU; generators take CPU tensors
         if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_rng])
         log(f"{stage}: resumed from {self.path} at step {state['step']}")
         return state["step"]
 

@@ -36,7 +36,9 @@ def plot_speedup(runs, path):
     against its own teacher, since the base models differ)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ours = sorted((r["speedup"], r["teacher"]["f1"] - r["filled"]["f1"], name) for name, r in runs.items())
+    # speedup_cpu: re-timed on this CPU by bench.py --study (runs trained on a GPU, or several at once)
+    ours = sorted((r.get("speedup_cpu", r["speedup"]), r["teacher"]["f1"] - r["filled"]["f1"], name)
+                  for name, r in runs.items())
     ax.plot([x for x, _, _ in ours], [y for _, y, _ in ours], "o", label="ours (this study)")
     ax.plot([x for x, _, _ in PAPER_POINTS], [y for _, y, _ in PAPER_POINTS], "s", label="paper, BERT-base (GPU)")
     for x, y, name in ours + PAPER_POINTS:
@@ -54,18 +56,20 @@ def plot_budget(runs, path):
     solid). Runs without a target density or without steps in their metrics are left out."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    by_density = {}
+    by_density = {}  # one line per target density and dead-head gate
     for name, r in runs.items():
-        d, steps = (r.get("args") or {}).get("target_density"), r["pruned"].get("steps")
+        a = r.get("args") or {}
+        d, steps = a.get("target_density"), r["pruned"].get("steps")
         if d and steps:
-            by_density.setdefault(d[0], []).append((steps, r["teacher"]["f1"] - r["pruned"]["f1"],
-                                                    r["teacher"]["f1"] - r["filled"]["f1"], name))
-    for d, points in sorted(by_density.items()):
+            key = (d[0], "" if a.get("gate_dead_heads", "always") == "always" else ", gated at eval only")
+            by_density.setdefault(key, []).append((steps, r["teacher"]["f1"] - r["pruned"]["f1"],
+                                                   r["teacher"]["f1"] - r["filled"]["f1"], name))
+    for (d, gate), points in sorted(by_density.items()):
         points.sort()
         x = [p[0] for p in points]
-        line, = ax.plot(x, [p[2] for p in points], "o-", label=f"ours, {100 * d:g} %, filled")
+        line, = ax.plot(x, [p[2] for p in points], "o-", label=f"ours, {100 * d:g} %{gate}, filled")
         ax.plot(x, [p[1] for p in points], "o--", mfc="none", color=line.get_color(),
-                label=f"ours, {100 * d:g} %, masked")
+                label=f"ours, {100 * d:g} %{gate}, masked")
         for steps, _, lost, name in points:
             ax.annotate(name, (steps, lost), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.plot(*PAPER_BUDGET[:2], "s", label=f"{PAPER_BUDGET[2]} (BERT-base, 88k questions)")
@@ -84,9 +88,11 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="where the PNGs go")
     args = p.parse_args(argv)
     out, runs = args.out, {}
+    short = len({d.name for d in args.runs}) == len(args.runs)  # label by the directory's name when that is unique
     for d in args.runs:
         try:
-            runs[f"{d.parent.name}/{d.name}"] = json.loads((d / "results.json").read_text(encoding="utf-8"))
+            name = d.name if short else f"{d.parent.name}/{d.name}"
+            runs[name] = json.loads((d / "results.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             sys.exit(f"error: {d / 'results.json'}: expected the results of a finished --stage all run ({e})")
     plot_speedup(runs, out / "f1-speedup.png")

@@ -28,3 +28,29 @@ def test_targets_are_judged_on_the_right_rows():
 def test_gpu_rows_without_a_gpu_are_refused_in_one_line():
     with pytest.raises(SystemExit, match="^error: --device cuda: no GPU here$"):
         bench.main(["--device", "cuda"])
+
+
+def test_study_times_each_finished_run_on_this_cpu_and_records_it(tmp_path):
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+    from bert import BertConfig
+    data = Path(__file__).resolve().parents[1] / "data"
+    dense = BertConfig(vocab_size=452, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    final = replace(dense, num_attention_heads=[1, 0], intermediate_size=[16, 8], attention_head_size=8)
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense/config.json").write_text(json.dumps(dense.to_dict()))
+    run = tmp_path / "runs/d25"
+    (run / "filled").mkdir(parents=True)
+    (run / "filled/config.json").write_text(json.dumps(final.to_dict()))
+    layers = [{"heads": 1, "ffn": 16}, {"heads": 0, "ffn": 8}]
+    (run / "results.json").write_text(json.dumps({"args": {"max_seq_length": 64, "doc_stride": 16}, "f1": 1.0,
+                                                  "structure": {"layers": layers, "predicted_speedup": 5.0}}))
+    argv = ["--study", str(tmp_path / "runs"), "--dense", str(tmp_path / "dense"), "--eval_windows", "4",
+            "--dev_file", str(data / "sample-dev.json"), "--vocab", str(data / "sample-vocab.txt")]
+    rows = bench.main(argv)
+    r = json.loads((run / "results.json").read_text())
+    assert r["f1"] == 1.0 and r["speedup_cpu"] > 0 and len(rows) == 1  # added; the rest kept
+    assert (rows[0]["heads"], rows[0]["ffn"], rows[0]["speed-up"]) == ([1, 0], [16, 8], r["speedup_cpu"])
+    with pytest.raises(SystemExit, match=r"^error: --study: no results.json under \S+$"):
+        bench.main(argv[:1] + [str(tmp_path / "dense")] + argv[2:])

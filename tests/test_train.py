@@ -300,7 +300,8 @@ def test_unreadable_training_state_is_named_and_kept(tmp_path):
 
 def torchrun(*flags):
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ts.Path(ts.__file__)), *flags], stderr=subprocess.PIPE, text=True,
+                             str(ts.Path(ts.__file__)), "--device", "cpu", *flags], stderr=subprocess.PIPE,
+                            text=True,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -348,6 +349,16 @@ def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
         assert torch.equal(x, y), name
 
 
+def test_more_processes_than_gpus_are_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU, two processes on it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=r"^torchrun: 2 processes on this machine but 1 GPU\(s\): one process per "
+                                         r"GPU \(--nproc_per_node\), or --device cpu$"):
+        run(tmp_path, "--device", "cuda")
+
+
 def test_whole_recipe_runs_under_torchrun(tmp_path):
     p = torchrun("--preset", "small", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "8",
                  "--finetune_epochs", "1", "--num_train_epochs", "2", "--initial_warmup", "0.5",
@@ -359,7 +370,7 @@ def test_whole_recipe_runs_under_torchrun(tmp_path):
 
 def test_cached_teacher_logits_give_the_live_teachers_losses_scores_and_f1(small_run, tmp_path, monkeypatch):
     flags = ["--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--num_train_epochs", "2",
-             "--initial_warmup", "0.5", "--final_warmup", "0.5"]
+             "--initial_warmup", "0.5", "--final_warmup", "0.5", "--device", "cpu"]  # fp32: bf16 rounds apart
     distillation_loss, losses, f1 = bp.distillation_loss, {}, {}
     for name, extra in (("cached", []), ("live", ["--no_teacher_cache"])):
         losses[name] = []
