@@ -261,7 +261,12 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
     paths = sorted(p for d in run_dirs for p in Path(d).glob("**/results.json"))
     if not paths:
         sys.exit(f"error: --study: no results.json under {' '.join(run_dirs)}")
-    config = lambda d: bert.BertConfig.from_dict(json.loads((Path(d) / "config.json").read_text()))
+
+    def config(d):
+        try:
+            return bert.BertConfig.from_dict(json.loads((Path(d) / "config.json").read_text()))
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --study: {Path(d) / 'config.json'}: expected a model's config.json ({e})")
     models = {"dense": build(config(dense_dir), cpu)} | {str(p.parent): build(config(p.parent / "filled"), cpu)
                                                           for p in paths}
     T = {(a["max_seq_length"], a["doc_stride"]) for a in (json.loads(p.read_text())["args"] for p in paths)}

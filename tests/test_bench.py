@@ -54,3 +54,6 @@ def test_study_times_each_finished_run_on_this_cpu_and_records_it(tmp_path):
     assert (rows[0]["heads"], rows[0]["ffn"], rows[0]["speed-up"]) == ([1, 0], [16, 8], r["speedup_cpu"])
     with pytest.raises(SystemExit, match=r"^error: --study: no results.json under \S+$"):
         bench.main(argv[:1] + [str(tmp_path / "dense")] + argv[2:])
+    (run / "filled/config.json").unlink()  # an unfinished run
+    with pytest.raises(SystemExit, match=r"^error: --study: \S+/filled/config.json: expected a model's config.json"):
+        bench.main(argv)
