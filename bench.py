@@ -269,10 +269,12 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
             sys.exit(f"error: --study: {Path(d) / 'config.json'}: expected a model's config.json ({e})")
     models = {"dense": build(config(dense_dir), cpu)} | {str(p.parent): build(config(p.parent / "filled"), cpu)
                                                           for p in paths}
-    T = {(a["max_seq_length"], a["doc_stride"]) for a in (json.loads(p.read_text())["args"] for p in paths)}
-    if len(T) > 1:
-        sys.exit(f"error: --study: the runs differ in --max_seq_length or --doc_stride ({sorted(T)}): time them apart")
-    (T, stride), = T
+    results = {p: json.loads(p.read_text()) for p in paths}
+    windowing = {(r["args"]["max_seq_length"], r["args"]["doc_stride"]) for r in results.values()}
+    if len(windowing) > 1:
+        sys.exit(f"error: --study: the runs differ in --max_seq_length or --doc_stride ({sorted(windowing)}): "
+                 "time them apart")
+    (T, stride), = windowing
     _, dev = ts.cached_features(dev_file, vocab, True, T, stride, False)
     dev = {k: v[:windows] for k, v in dev.items()}
     args = argparse.Namespace(device=cpu, precision="fp32", per_device_eval_batch_size=128)
@@ -283,8 +285,7 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
         for name, model in list(models.items())[::1 if r % 2 else -1]:
             seconds[name].append(ts.predict(args, model, dev, trim=False)[2])
     rows = []
-    for p in paths:
-        r = json.loads(p.read_text())
+    for p, r in results.items():
         r["speedup_cpu"] = min(seconds["dense"]) / min(seconds[str(p.parent)])
         bert.atomic_write(p, json.dumps(r, indent=2).encode())
         s = r["structure"]
