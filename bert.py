@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import struct
 import sys
 import urllib.request
@@ -61,6 +62,10 @@ class BertConfig:
         if d.get("hidden_act", "gelu") != "gelu" or d.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"config: only hidden_act 'gelu' and absolute positions are supported, got "
                              f"{d.get('hidden_act')!r} / {d.get('position_embedding_type')!r}")
+        if pruned := d.get("pruned_heads"):  # transformers 4.x prune_heads(): {"layer": [heads]}, narrowed tensors
+            n = d["num_attention_heads"]
+            d = {**d, "attention_head_size": d["hidden_size"] // n, "num_attention_heads": [
+                n - len(set(pruned.get(str(i), []))) for i in range(d["num_hidden_layers"])]}
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def to_dict(self):
@@ -226,14 +231,16 @@ class BertForQuestionAnswering(nn.Module):
             raise ValueError(f"{source} does not fit the model of its config: {', '.join(parts)}" + "".join(
                 f"; config says {f} {a}, the weights {b}" for f, (a, b) in hints))
 
-    def save_pretrained(self, out_dir, vocab_file=None):
-        """config.json + model.safetensors (Hugging Face names) + vocab.txt, each written atomically."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
-        write_safetensors(out_dir / "model.safetensors", {to_hf_name(k): v for k, v in self.state_dict().items()})
-        if vocab_file is not None and Path(vocab_file).resolve() != (out_dir / "vocab.txt").resolve():
-            atomic_write(out_dir / "vocab.txt", Path(vocab_file).read_bytes())
+    def save_pretrained(self, out_dir, vocab_file=None, extra_files=None):
+        """config.json + model.safetensors (Hugging Face names) + vocab.txt (+ extra_files, {name: bytes}),
+        written as one unit (write_files): a crash leaves the old checkpoint or the new one, never a mix."""
+        files = {"config.json": json.dumps(self.config.to_dict(), indent=2).encode(),
+                 "model.safetensors": safetensors_bytes({to_hf_name(k): v for k, v in self.state_dict().items()}),
+                 **({"vocab.txt": Path(vocab_file).read_bytes()} if vocab_file is not None else {}),
+                 **(extra_files or {})}
+        # an older checkpoint's files that would otherwise lie beside the new weights: pickled weights, and a pruned
+        # checkpoint's scores (blockprune.save_masked), which would make the new one load as a masked model
+        write_files(out_dir, files, remove=("pytorch_model.bin", "scores.safetensors", "prune_config.json"))
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
@@ -332,6 +339,10 @@ def read_safetensors(path):
 
 
 def write_safetensors(path, tensors):
+    atomic_write(path, safetensors_bytes(tensors))
+
+
+def safetensors_bytes(tensors):
     names = {v: k for k, v in _DTYPES.items()}
     # as the safetensors package writes it: transformers 4.x reads metadata.get("format") and fails without it
     header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
@@ -342,7 +353,7 @@ def write_safetensors(path, tensors):
         offset += len(b)
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)  # the format pads the header to 8 bytes
-    atomic_write(path, struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
 
 
 # ---- files: atomic writes, downloads, the hub ---------------------------------------------------
@@ -363,8 +374,45 @@ def atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, no permission: name the file meant, not the temporary one
+        raise OSError(f"{path}: cannot write it ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_files(d, files, remove=()):
+    """Write {file name: bytes} into directory d as one unit, so that a crash (kill -9, a full disk) leaves
+    the old files or the new ones, never a config.json beside another model's weights. The files go into
+    d/.incoming; renaming it to d/.commit is the commit point; then the names in `remove` that the new files
+    lack are deleted and each file is moved into place. finish_write completes a commit that a crash cut
+    short; every reader of a checkpoint calls it first (resolve_checkpoint). Other files in d are left alone."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    finish_write(d)
+    new = d / ".incoming"
+    new.mkdir()
+    for name, data in files.items():
+        atomic_write(new / name, data)  # fsynced
+    atomic_write(new / ".remove", json.dumps([r for r in remove if r not in files]).encode())
+    os.replace(new, d / ".commit")
+    finish_write(d)
+
+
+def finish_write(d):
+    """Drop a write_files unit that never reached its commit point; complete one that did."""
+    d = Path(d)
+    if (d / ".incoming").is_dir():
+        shutil.rmtree(d / ".incoming")
+    commit = d / ".commit"
+    if commit.is_dir():
+        remove = commit / ".remove"  # written before the commit point, deleted last
+        for name in json.loads(remove.read_text()) if remove.exists() else []:
+            (d / name).unlink(missing_ok=True)
+        for f in commit.iterdir():
+            if f != remove:
+                os.replace(f, d / f.name)
+        remove.unlink(missing_ok=True)
+        commit.rmdir()
 
 
 def download(url, path, md5=None):
@@ -398,6 +446,7 @@ def resolve_checkpoint(name_or_dir, cache_dir=None):
     """A local directory as it is; a hub name ('bert-base-uncased') downloaded once into the cache."""
     p = Path(name_or_dir)
     if p.is_dir():
+        finish_write(p)  # a checkpoint whose writing a crash cut short after its commit point
         return p
     if p.exists() or str(name_or_dir).startswith((".", "/")) or str(name_or_dir).count("/") > 1:
         raise FileNotFoundError(f"{name_or_dir}: not a checkpoint directory (expected config.json and "

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bert import BertForQuestionAnswering, atomic_write, read_safetensors, write_safetensors
+from bert import BertForQuestionAnswering, finish_write, read_safetensors, safetensors_bytes
 
 ATTENTION = ("query", "key", "value", "attn_out")  # the four attention matrices of a layer
 
@@ -462,14 +462,16 @@ def plot_report(r, path, speedup=None):
 
 # ---- checkpoints of a masked model: the BERT as bert.py saves it, plus the scores -----------------
 
-def save_masked(masked, out_dir, vocab_file=None):
-    masked.model.save_pretrained(out_dir, vocab_file)
-    write_safetensors(Path(out_dir) / "scores.safetensors", {k: v.detach() for k, v in masked.scores.items()})
-    atomic_write(Path(out_dir) / "prune_config.json", json.dumps(asdict(masked.config), indent=2).encode())
+def save_masked(masked, out_dir, vocab_file=None, extra_files=None):
+    """The BERT's checkpoint with scores.safetensors and prune_config.json, written as one unit."""
+    masked.model.save_pretrained(out_dir, vocab_file, {
+        "scores.safetensors": safetensors_bytes({k: v.detach() for k, v in masked.scores.items()}),
+        "prune_config.json": json.dumps(asdict(masked.config), indent=2).encode(), **(extra_files or {})})
 
 
 def load_masked(path):
     path = Path(path)
+    finish_write(path)  # a save that a crash cut short after its commit point
     if not (path / "scores.safetensors").exists():
         raise FileNotFoundError(f"{path}: no scores.safetensors: not a pruned (masked) checkpoint")
     try:

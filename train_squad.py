@@ -59,7 +59,7 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(1, warmup_steps),
                                                                  max(0.0, (total - s) / max(1, total - warmup_steps))))
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.precision == "fp16")
-    state = TrainingState(out_dir / "training_state.pt", net, opt, sched, scaler)
+    state = TrainingState(out_dir / "training_state.pt", net, opt, sched, scaler, getattr(args, "settings", None))
     step = state.load(args.device, stage) if args.resume else 0
     forward = ddp(net)  # under torchrun: each process takes its share of a batch, gradients are averaged
     if teacher is not None:
@@ -122,32 +122,43 @@ def qa_loss(args, start, end, batch, teacher=None):
 
 # ---- the stages ------------------------------------------------------------------------------------
 # Each stage reads its inputs from checkpoint directories and writes its own, so that any stage can be
-# run alone, and --stage all can skip the stages a killed run had already finished.
+# run alone, and --resume can skip the stages a killed run had already finished (once).
 
 def save_checkpoint(model, out, vocab, lowercase):
+    """The model, its vocab and tokenizer_config.json into out as one unit (bert.write_files)."""
+    extra = {"tokenizer_config.json": json.dumps({"do_lower_case": lowercase}).encode()}
     if isinstance(model, bp.MaskedBert):
-        bp.save_masked(model, out, vocab)
+        bp.save_masked(model, out, vocab, extra)
     else:
-        model.save_pretrained(out, vocab)
-    atomic_write(out / "tokenizer_config.json", json.dumps({"do_lower_case": lowercase}).encode())
+        model.save_pretrained(out, vocab, extra)
+
+
+def finish(args, model, out, vocab, lowercase, dev, name, steps):
+    """The end of a training stage: save the model, evaluate it (metrics.json marks the stage as finished),
+    then delete the training state the stage wrote (weights + AdamW: large). The first process only."""
+    if get_rank():
+        return None
+    save_checkpoint(model, out, vocab, lowercase)
+    metrics = evaluate(args, model, *dev, out, name, steps)
+    (out / "training_state.pt").unlink(missing_ok=True)
+    return metrics
 
 
 def features_for(args, vocab, lowercase, split):
-    path = args.train_file if split == "train" else args.dev_file
-    return cached_features(path, vocab, lowercase, args.max_seq_length, args.doc_stride, split == "train")
+    if split == "train":
+        return cached_features(args.train_file, vocab, lowercase, args.max_seq_length, args.doc_stride, True,
+                               max_questions=args.max_train_questions)
+    return cached_features(args.dev_file, vocab, lowercase, args.max_seq_length, args.doc_stride, False)
 
 
 def stage_finetune(args, model_path, out):
-    model, vocab, lowercase = load_checkpoint(model_path)
+    model, vocab, lowercase = load_checkpoint(model_path, dense="--model_name_or_path")
     _, features = features_for(args, vocab, lowercase, "train")
     dev = features_for(args, vocab, lowercase, "dev")
     steps = total_steps(args, features, args.finetune_epochs)
     model = train(args, "finetune", model, features, args.finetune_epochs, args.learning_rate,
                   round(args.warmup_ratio * steps), out, dev=dev)
-    if get_rank():
-        return None  # under torchrun the first process saves and evaluates
-    save_checkpoint(model, out, vocab, lowercase)
-    return evaluate(args, model, *dev, out, "finetune", steps)
+    return finish(args, model, out, vocab, lowercase, dev, "finetune", steps)
 
 
 def load_teacher(teacher_path, vocab):
@@ -181,45 +192,28 @@ def teacher_logits(args, teacher_path, vocab, features):
     for t in [*teacher.state_dict().values(), *windows]:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     path = DATA_DIR / "cache" / f"teacher-logits-{h.hexdigest()[:24]}.pt"
-    if not get_rank() and read_teacher_logits(path, windows[0].shape) is None:
+    fits = lambda logits: all(logits[k].shape == windows[0].shape for k in ("teacher_start", "teacher_end"))  # noqa
+    if not get_rank() and load_cache(path, "teacher logits", fits) is None:
         log(f"teacher logits: running {teacher_path} over the {len(windows[0])} training windows once")
         start, end, seconds = predict(args, teacher, features, trim=False)
-        buf = io.BytesIO()
-        torch.save({"teacher_start": start, "teacher_end": end}, buf)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, buf.getvalue())
+        save_torch(path, {"teacher_start": start, "teacher_end": end})
         log(f"teacher logits: {seconds:.0f} s in the model, kept in {path}")
     barrier()  # under torchrun: the first process has written them
-    features.update(read_teacher_logits(path, windows[0].shape))
-    return None
-
-
-def read_teacher_logits(path, shape):
-    """The cached logits, or None when the file is missing, unreadable or not of these windows' shape."""
-    if not path.exists():
-        return None
-    try:
-        logits = torch.load(path, weights_only=True)
-        if all(logits[k].shape == shape for k in ("teacher_start", "teacher_end")):
-            return logits
-        log(f"{path}: cached teacher logits of another shape; computing them again")
-    except Exception as e:  # a truncated or foreign file: torch raises several kinds
-        log(f"{path}: unreadable cache ({e!r}); computing the teacher logits again")
+    features.update(load_cache(path, "teacher logits", fits))
     return None
 
 
 def stage_prune(args, model_path, teacher_path, out):
-    model, vocab, lowercase = load_checkpoint(model_path)
+    model, vocab, lowercase = load_checkpoint(model_path, dense="--model_name_or_path")
+    bp.MaskedBert(model, prune_config(args))  # --block must fit the model: said before the data and the teacher
     _, features = features_for(args, vocab, lowercase, "train")
     teacher = teacher_logits(args, teacher_path, vocab, features)
     dev = features_for(args, vocab, lowercase, "dev")
     prune = prune_config(args, features)
     masked = train(args, "prune", model, features, args.num_train_epochs, args.learning_rate, prune.warmup_steps, out,
                    teacher, prune, dev)
-    if get_rank():
-        return None
-    save_checkpoint(masked, out, vocab, lowercase)
-    return evaluate(args, masked, *dev, out, "prune (masked)", total_steps(args, features, args.num_train_epochs))
+    return finish(args, masked, out, vocab, lowercase, dev, "prune (masked)",
+                  total_steps(args, features, args.num_train_epochs))
 
 
 def stage_compact(args, masked_path, out):
@@ -233,27 +227,23 @@ def stage_compact(args, masked_path, out):
     few = {k: v[:8] for k, v in dev.items()}
     fp32 = argparse.Namespace(**{**vars(args), "precision": "fp32"})
     (a, b, _), (c, d, _) = predict(fp32, masked, few, trim=False), predict(fp32, small, few, trim=False)
-    diff = max((a - c).abs().max().item(), (b - d).abs().max().item())
+    r = {**bp.report(small, masked.model.config, args.max_seq_length),
+         "max_logit_difference_from_masked": max((a - c).abs().max().item(), (b - d).abs().max().item())}
     save_checkpoint(small, out, vocab, lowercase)
-    r = bp.report(small, masked.model.config, args.max_seq_length)
-    r["max_logit_difference_from_masked"] = diff
     atomic_write(out / "report.json", json.dumps(r, indent=2).encode())
     bp.plot_report(r, out / "structure.png")
-    log(bp.format_report(r) + f"\ncompacted vs masked logits: max difference {diff:.2e}")
+    log(bp.format_report(r) + f"\ncompacted vs masked logits: max difference {r['max_logit_difference_from_masked']:.2e}")
     return r
 
 
 def stage_fill(args, compact_path, teacher_path, out):
-    model, vocab, lowercase = load_checkpoint(compact_path)
+    model, vocab, lowercase = load_checkpoint(compact_path, dense="--model_name_or_path")
     _, features = features_for(args, vocab, lowercase, "train")
     teacher = teacher_logits(args, teacher_path, vocab, features)
     bp.fill(model, noise=0.01, generator=torch.Generator().manual_seed(args.seed))
     dev = features_for(args, vocab, lowercase, "dev")
     model = train(args, "fill", model, features, args.fill_epochs, args.learning_rate, 10, out, teacher, dev=dev)
-    if get_rank():
-        return None
-    save_checkpoint(model, out, vocab, lowercase)
-    return evaluate(args, model, *dev, out, "fill", total_steps(args, features, args.fill_epochs))
+    return finish(args, model, out, vocab, lowercase, dev, "fill", total_steps(args, features, args.fill_epochs))
 
 
 def stage_eval(args, model_path, out):
@@ -263,36 +253,15 @@ def stage_eval(args, model_path, out):
 
 def stage_all(args, out):
     """The paper's recipe (docs/paper.md) end to end: teacher (fine-tuned here unless --teacher is given), prune with
-    distillation, compact, fill, evaluate; then the speed-up of the final model over the teacher.
-    Several --target_density (--target_speedup) values prune the same start once each, into output_dir/d<D> (s<S>x)."""
-    teacher = args.teacher
-    if not teacher:
+    distillation, compact, fill, evaluate; then the speed-up of the final model over the teacher. Another target
+    from the same teacher: run again with --teacher OUT/teacher and another --output_dir."""
+    bp.MaskedBert(load_checkpoint(args.model_name_or_path)[0], prune_config(args))  # --block fits, before any training
+    teacher = args.teacher or str(out / "teacher")
+    if not args.teacher:
         teacher_metrics = once(args, out / "teacher", stage_finetune, args.model_name_or_path)
-        teacher = str(out / "teacher")
     else:  # its own fine-tuning's metrics.json serves when made on this dev set with these settings
         teacher_metrics = evaluated(args, Path(teacher)) or once(args, out / "teacher", stage_eval, teacher)
-    key = "target_speedup" if args.target_speedup else "target_density"
-    targets = getattr(args, key) or [None]
-    runs = {}
-    for t in targets:
-        sub = out if len(targets) == 1 else out / (f"s{t:g}x" if args.target_speedup else f"d{100 * t:g}")
-        runs[sub.name] = prune_compact_fill(argparse.Namespace(**{**vars(args), key: t and [t]}), sub,
-                                            teacher, teacher_metrics)
-    return runs[out.name] if len(targets) == 1 else runs
-
-
-def once(args, d, fn, *a):
-    """Run a stage into d, unless --resume and its metrics.json says an earlier run finished it."""
-    if (d / "metrics.json").exists() and args.resume:
-        log(f"{d}: done already, skipped")
-        return json.loads((d / "metrics.json").read_text())
-    result = fn(args, *a, d)
-    barrier()  # under torchrun: the first process has written d before the others read it
-    return result
-
-
-def prune_compact_fill(args, out, teacher, teacher_metrics):
-    # the settings of the run (for the README's table and docs/plot_study.py), then its figures
+    # the settings of the run (for docs/plot_study.py), then its figures
     results = {"args": {k: v if isinstance(v, (bool, int, float, str, list, type(None))) else str(v)
                         for k, v in vars(args).items()}, "teacher": teacher_metrics}
     results["pruned"] = once(args, out / "pruned", stage_prune, args.model_name_or_path, teacher)
@@ -322,18 +291,77 @@ def prune_compact_fill(args, out, teacher, teacher_metrics):
     return results
 
 
-def prune_config(args, features):
+def once(args, d, fn, *inputs):
+    """Run a training stage (or the teacher's evaluation) into d. With --resume it continues the stage's training
+    state, or skips the stage when its metrics.json says it finished; both only if the stage was run with the same
+    settings (stage_settings), which it saves with its state and its metrics. Without --resume, a stopped run's
+    state is never overwritten."""
+    stage = fn.__name__.removeprefix("stage_")
+    settings = stage_settings(args, stage)
+    state, metrics = d / "training_state.pt", d / "metrics.json"
+    if args.resume and state.exists():
+        same_settings(state, read_state(state, mmap=True).get("settings"), settings)
+    elif args.resume and metrics.exists():
+        done = json.loads(metrics.read_text())
+        same_settings(metrics, done.get("settings"), settings)
+        log(f"{d}: done already, skipped")
+        return done
+    elif state.exists():
+        raise ValueError(f"{state}: the training state of a stopped run: --resume continues it; move it away (or give "
+                         "another --output_dir) to start afresh")
+    else:  # a crash before the new metrics.json is written must not let --resume skip the stage on the old one
+        metrics.unlink(missing_ok=True)
+    result = fn(argparse.Namespace(**vars(args), settings=settings), *inputs, d)
+    barrier()  # under torchrun: the first process has written d before the others read it
+    return result
+
+
+def stage_settings(args, stage):
+    """What a stage's result depends on: --resume refuses to continue or skip a stage run with other values. Every
+    other flag may change on resume (--save_steps, --logging_steps, --eval_steps, --device,
+    --per_device_eval_batch_size, --no_teacher_cache, --speed_windows)."""
+    names = ["model_name_or_path", "dev_file", "max_seq_length", "doc_stride", "n_best_size", "max_answer_length",
+             "precision"]
+    if stage != "eval":
+        names += ["train_file", "max_train_questions", "per_device_train_batch_size", "gradient_accumulation_steps",
+                  "learning_rate", "weight_decay", "max_grad_norm", "seed"]
+    if stage in ("eval", "prune", "fill"):
+        names += ["teacher"]
+    names += {"finetune": ["finetune_epochs", "warmup_ratio"], "fill": ["fill_epochs"], "eval": [],
+              "prune": ["num_train_epochs", "mask_scores_learning_rate", "initial_warmup", "final_warmup", "block",
+                        "pruning_method", "final_threshold", "final_lambda", "attention_lambda", "ffn_lambda",
+                        "target_density", "target_speedup", "gate_dead_heads"]}[stage]
+    if stage in ("prune", "fill"):
+        names += ["temperature", "alpha_distil", "alpha_ce"]
+    return {**{k: getattr(args, k) for k in names}, "processes": world_size()}
+
+
+def same_settings(path, saved, settings):
+    if saved is None:
+        raise ValueError(f"{path}: made by an older version, which did not record its settings: --resume cannot "
+                         "check it; run without --resume to start the stage afresh")
+    for k, v in settings.items():
+        if saved.get(k) != v:
+            what = "torchrun processes" if k == "processes" else f"--{k}"
+            raise ValueError(f"{what}: {path} was made with {saved.get(k)!r}, this run gives {v!r}; --resume goes "
+                             "on only with the same settings: give the saved value, or run without --resume (or "
+                             "with another --output_dir) to start afresh")
+
+
+def prune_config(args, features=None):
     """The pruning run's PruneConfig, its schedule in steps (Sec. 3): --initial_warmup epochs at threshold 0,
-    a cubic ramp, --final_warmup epochs at the final threshold, over --num_train_epochs."""
-    epoch_steps, total = steps_per_epoch(args, features), total_steps(args, features, args.num_train_epochs)
+    a cubic ramp, --final_warmup epochs at the final threshold, over --num_train_epochs (without features: the
+    flags only, which PruneConfig checks)."""
+    steps = {}
+    if features is not None:
+        epoch_steps, total = steps_per_epoch(args, features), total_steps(args, features, args.num_train_epochs)
+        steps = dict(warmup_steps=round(args.initial_warmup * epoch_steps),
+                     ramp_steps=max(1, total - round((args.initial_warmup + args.final_warmup) * epoch_steps)))
     return bp.PruneConfig(block=args.block, pruning_method=args.pruning_method, final_threshold=args.final_threshold,
                           final_lambda=args.final_lambda, attention_lambda=args.attention_lambda,
                           ffn_lambda=args.ffn_lambda, gate_dead_heads=args.gate_dead_heads,
-                          warmup_steps=round(args.initial_warmup * epoch_steps),
-                          ramp_steps=max(1, total - round((args.initial_warmup + args.final_warmup) * epoch_steps)),
-                          target_density=args.target_density[0] if args.target_density else None,
-                          target_speedup=args.target_speedup[0] if args.target_speedup else None,
-                          seq_len=args.max_seq_length)
+                          target_density=args.target_density, target_speedup=args.target_speedup,
+                          seq_len=args.max_seq_length, **steps)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -369,12 +397,11 @@ def evaluate(args, model, examples, features, out_dir, name, steps=None):
     start, end, seconds = predict(args, model, features)
     predictions = postprocess(examples, features, start, end, args.n_best_size, args.max_answer_length)
     metrics = {**squad_evaluate(examples, predictions), "eval_seconds": seconds, "windows": len(start),
-               "evaluated_on": eval_key(args), **({"steps": steps} if steps else {})}
+               "evaluated_on": eval_key(args), **({"steps": steps} if steps else {}),
+               "settings": getattr(args, "settings", None)}  # what --resume compares (once)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "predictions.json", json.dumps(predictions).encode())
     atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
-    # metrics.json marks the stage as finished: its training state (weights + AdamW, large) is no longer needed
-    (out_dir / "training_state.pt").unlink(missing_ok=True)
     log(f"{name}: EM {metrics['exact_match']:.2f} F1 {metrics['f1']:.2f} ({seconds:.1f} s in the model)")
     return metrics
 
@@ -402,10 +429,11 @@ def evaluated(args, model_dir):
 
 # ---- models ----------------------------------------------------------------------------------------
 
-def load_checkpoint(name):
+def load_checkpoint(name, dense=None):
     """(model, vocab file, lowercase) from a checkpoint directory or hub name. A pruned checkpoint
-    (with scores.safetensors) comes back as a MaskedBert. "tiny" is the small preset's randomly
-    initialised 2-layer BERT over data/sample-vocab.txt."""
+    (with scores.safetensors) comes back as a MaskedBert, or is refused naming the flag `dense` (the stages
+    that train need a plain BERT). "tiny" is the small preset's randomly initialised 2-layer BERT over
+    data/sample-vocab.txt."""
     if name == "tiny":
         vocab = DATA_DIR / "sample-vocab.txt"
         n = len(vocab.read_text(encoding="utf-8").splitlines())
@@ -414,6 +442,9 @@ def load_checkpoint(name):
                             intermediate_size=256, max_position_embeddings=128)
         return BertForQuestionAnswering(config), vocab, True
     d = bert.resolve_checkpoint(name)
+    if dense and (d / "scores.safetensors").exists():
+        raise ValueError(f"{dense} {name}: a pruned (masked) checkpoint; this stage trains a plain BERT: compact it "
+                         "first (--stage compact), then fill the compacted one")
     model = bp.load_masked(d) if (d / "scores.safetensors").exists() else BertForQuestionAnswering.from_pretrained(d)
     vocab = d / "vocab.txt"
     if not vocab.exists():
@@ -461,8 +492,8 @@ def squad_file(path_or_split):
     return path
 
 
-def load_squad(path):
-    """One dict per question: id, title, question, context, answers (the spans whose text really is
+def load_squad(path, max_questions=None):
+    """One dict per question (the first max_questions only, when given): id, title, question, context, answers (the spans whose text really is
     context[answer_start:answer_start + len(text)]: training labels come from answers[0]) and
     gold_texts (every gold answer text as the file gives it: what the official metric scores against,
     so dropping a bad span never changes a score). A question whose spans are all bad keeps an empty
@@ -477,7 +508,7 @@ def load_squad(path):
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     if isinstance(data, dict) and data.get("version", "1.1") != "1.1":
         log(f"{path}: version {data['version']!r}, expected SQuAD v1.1 (every question must have an answer)")
-    examples, bad = [], []
+    examples, bad, where_id = [], [], {}
     where = "the top level"
     try:
         for i, article in enumerate(data["data"]):
@@ -488,20 +519,31 @@ def load_squad(path):
                 context = para["context"]
                 for k, qa in enumerate(para["qas"]):
                     where = f"data[{i}].paragraphs[{j}].qas[{k}]"
-                    gold = [(a["text"], a["answer_start"]) for a in qa["answers"]]
-                    ok = [{"text": t, "answer_start": s} for t, s in gold if context[s:s + len(t)] == t]
-                    if len(ok) < len(gold):
-                        bad.append(qa["id"])
                     if not all(isinstance(x, str) for x in (qa["id"], qa["question"], context)):
                         raise TypeError("id, question and context must be strings")  # else they fail far from here
+                    if qa["id"] in where_id:  # predictions are keyed by id: one answer would be scored twice
+                        raise ValueError(f"id {qa['id']!r} again (first at {where_id[qa['id']]}): ids must be unique")
+                    if qa.get("is_impossible") or not qa["answers"]:  # SQuAD v2.0's unanswerable questions
+                        raise ValueError("no answers: every SQuAD v1.1 question has one (a v2.0 file?)")
+                    where_id[qa["id"]] = where
+                    gold = [(a["text"], a["answer_start"]) for a in qa["answers"]]
+                    if not all(isinstance(t, str) and type(s) is int for t, s in gold):
+                        raise TypeError("an answer's text must be a string and its answer_start an integer")
+                    ok = [{"text": t, "answer_start": s} for t, s in gold if s >= 0 and context[s:s + len(t)] == t]
+                    if len(ok) < len(gold):
+                        bad.append(qa["id"])
                     examples.append({"id": qa["id"], "title": title, "question": qa["question"],
                                      "context": context, "answers": ok, "gold_texts": [t for t, _ in gold]})
     except KeyError as e:
         raise ValueError(f"{path}: {where}: missing {e}") from None
-    except (TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: {where}: not SQuAD format ({e})") from None
+    except (TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{path}: {where}: not SQuAD v1.1 ({e})") from None
     if not examples:  # else it trains on nothing, or scores 0, without a word about the file
         raise ValueError(f"{path}: no questions in it (expected SQuAD v1.1: data[].paragraphs[].qas[])")
+    if max_questions:
+        if max_questions > len(examples):
+            raise ValueError(f"--max_train_questions {max_questions}: {path} has only {len(examples)} questions")
+        examples = examples[:max_questions]
     if bad:
         log(f"{path}: {len(bad)} questions have answer texts that do not match their context at "
             f"answer_start (those spans are not used for training), e.g. {', '.join(bad[:5])}")
@@ -600,28 +642,23 @@ def _int64(rows, *shape):
 FEATURES_VERSION = 1  # bump when featurize changes what it returns: old cache files are then ignored
 
 
-def cached_features(examples_path, vocab_file, lowercase, max_seq_length, doc_stride, train, cache_dir=None):
-    """(load_squad(examples_path), featurize(...)), the features kept in cache_dir (DATA_DIR/cache by
-    default) under a hash of everything that changes them."""
+def cached_features(examples_path, vocab_file, lowercase, max_seq_length, doc_stride, train, cache_dir=None,
+                    max_questions=None):
+    """(load_squad(examples_path, max_questions), featurize(...)), the features kept in cache_dir (DATA_DIR/cache
+    by default) under a hash of everything that changes them."""
     examples_path = squad_file(examples_path)
-    examples = load_squad(examples_path)
-    if train and not any(ex["answers"] for ex in examples):  # SQuAD v2's unanswerable questions, say
+    examples = load_squad(examples_path, max_questions)
+    if train and not any(ex["answers"] for ex in examples):
         raise ValueError(f"{examples_path}: no question has an answer that matches its context: nothing to train on")
     h = hashlib.sha256()
     for part in (examples_path.read_bytes(), Path(vocab_file).read_bytes(),
-                 repr((lowercase, max_seq_length, doc_stride, train, FEATURES_VERSION)).encode()):
+                 repr((lowercase, max_seq_length, doc_stride, train, FEATURES_VERSION, max_questions)).encode()):
         h.update(hashlib.sha256(part).digest())
     path = Path(cache_dir or DATA_DIR / "cache") / f"squad-features-{h.hexdigest()[:24]}.pt"
-    if path.exists():
-        try:
-            return examples, torch.load(path, weights_only=True)
-        except Exception as e:  # a truncated or foreign file: torch raises several kinds
-            log(f"{path}: unreadable cache ({e!r}); rebuilding it")
-    features = featurize(examples, load_tokenizer(vocab_file, lowercase), max_seq_length, doc_stride, train)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(features, buf)
-    atomic_write(path, buf.getvalue())
+    features = load_cache(path, "features")
+    if features is None:
+        features = featurize(examples, load_tokenizer(vocab_file, lowercase), max_seq_length, doc_stride, train)
+        save_torch(path, features)
     return examples, features
 
 
@@ -716,127 +753,130 @@ def score_main(predictions_path, dev_file):
 
 # ---- command line ----------------------------------------------------------------------------------
 
-SHARED = Path(os.environ.get("BLOCKPRUNE_SHARED", Path(__file__).resolve().parent.parent / "shared"))
+def presets():
+    """The paper's recipe (docs/paper.md) is the default; a preset changes the defaults, and flags still win."""
+    shared = Path(os.environ.get("BLOCKPRUNE_SHARED", Path(__file__).resolve().parent.parent / "shared"))
 
-# The paper's recipe (docs/paper.md) is the default. Presets change the defaults; flags still win.
-PRESETS = {
-    "paper": {},
-    "small": dict(  # offline, about a minute on CPU: a tiny random BERT on the hand-made sample in data/
-        model_name_or_path="tiny", teacher="", train_file=str(DATA_DIR / "sample-train.json"),
-        dev_file=str(DATA_DIR / "sample-dev.json"), output_dir="runs/small", max_seq_length=128, doc_stride=32,
-        block="8x8",  # half a 16-wide head, as the paper's 32x32 blocks are of its 64-wide heads
-        learning_rate=2e-3, mask_scores_learning_rate=2e-2, finetune_epochs=20, num_train_epochs=20,
-        fill_epochs=5, initial_warmup=2, final_warmup=6, per_device_eval_batch_size=64, logging_steps=50,
-        save_steps=100),
-    # the README's study on real data: a pretrained 6-layer MiniLM, the first 4,370 train questions, the whole
-    # dev set; the files are not in the repository: $BLOCKPRUNE_SHARED (default ../shared); main() says
-    # what to fetch when they are missing
-    "minilm": dict(
-        model_name_or_path=str(SHARED / "models/all-MiniLM-L6-v2"), teacher="",
-        train_file=str(SHARED / "squad/train-v1.1-head4370.json"), dev_file=str(SHARED / "squad/dev-v1.1.json"),
-        output_dir="runs/minilm", learning_rate=1e-4, finetune_epochs=3, target_density=[0.5, 0.25],
-        num_train_epochs=2, initial_warmup=0.25, final_warmup=0.5, fill_epochs=1, speed_windows=1024,
-        logging_steps=20, save_steps=50),
-}
+    def local(path, elsewhere):  # the shared folder's copy when it has one, else the hub name or the official file
+        return str(shared / path) if (shared / path).exists() else elsewhere
+    return {
+        "paper": {},
+        "small": dict(  # offline, a few minutes on CPU: a tiny random BERT on the hand-made sample in data/
+            model_name_or_path="tiny", teacher="", train_file=str(DATA_DIR / "sample-train.json"),
+            dev_file=str(DATA_DIR / "sample-dev.json"), output_dir="runs/small", max_seq_length=128, doc_stride=32,
+            block="8x8",  # half a 16-wide head, as the paper's 32x32 blocks are of its 64-wide heads
+            learning_rate=2e-3, mask_scores_learning_rate=2e-2, finetune_epochs=20, num_train_epochs=20,
+            fill_epochs=5, initial_warmup=2, final_warmup=6, per_device_eval_batch_size=64, logging_steps=50,
+            save_steps=100),
+        # the study of docs/study.md: a pretrained 6-layer MiniLM, the first 4,370 train questions (the first 12
+        # articles), the whole dev set; from $BLOCKPRUNE_SHARED (default ../shared), else downloaded
+        "minilm": dict(
+            model_name_or_path=local("models/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+            teacher="", train_file=local("squad/train-v1.1-head4370.json", "train"), max_train_questions=4370,
+            dev_file=local("squad/dev-v1.1.json", "dev"), output_dir="runs/minilm", learning_rate=1e-4,
+            finetune_epochs=3, target_density=0.25, num_train_epochs=2, initial_warmup=0.25, final_warmup=0.5,
+            fill_epochs=1, speed_windows=1024, logging_steps=20, save_steps=50),
+    }
 
 
-def number_or_none(v):
-    """A --target_density / --target_speedup value: a number, or 'none' to switch a preset's values off."""
-    return None if v == "none" else float(v)
+def checked(convert, ok, expected):
+    """An argparse type: the value, or argparse's one-line error for the flag, saying what was expected."""
+    def parse(text):
+        try:
+            value = convert(text)
+            good = ok(value)
+        except ValueError:
+            good = False
+        if not good:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE = checked(int, lambda v: v > 0, "a positive integer")
+COUNT = checked(int, lambda v: v >= 0, "an integer >= 0")
+NUMBER = checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")  # NaN fails too
+TARGET = checked(lambda t: None if t == "none" else float(t), lambda v: True, "a number or 'none'")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # a prefix is not a flag: --mask is not --mask_scores_...
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, as every other error
     a = p.add_argument
-    a("--preset", choices=PRESETS, default="paper", help="a set of defaults: the paper's recipe, 'small' or 'minilm'")
+    a("--preset", choices=["paper", "small", "minilm"], default="paper",
+      help="a set of defaults: the paper's recipe, 'small' (offline, minutes on CPU) or 'minilm' (the study)")
     a("--stage", choices=["finetune", "prune", "compact", "fill", "eval", "all"], default="all")
     a("--score", metavar="PREDICTIONS.json", help="only score a predictions file against --dev_file, print JSON")
-    a("--do_eval", action="store_true", help="only evaluate --model_name_or_path (= --stage eval)")
     a("--model_name_or_path", default="bert-base-uncased",
       help="pretrained checkpoint (finetune, prune, all), pruned one (compact), compacted one (fill), any (eval)")
     a("--teacher", default="csarron/bert-base-uncased-squad-v1", help="fine-tuned QA model to distil from; "
       "'' with --stage all fine-tunes one first")
     a("--train_file", default="train", help="SQuAD v1.1 train JSON, or 'train' to download the official file")
+    a("--max_train_questions", type=POSITIVE, help="train on the file's first N questions only")
     a("--dev_file", default="dev", help="SQuAD v1.1 dev JSON, or 'dev' to download the official file")
     a("--output_dir", default="runs/bert-base-uncased")
     a("--resume", action="store_true", help="continue from the training state and finished stages in output_dir")
-    a("--max_seq_length", type=int, default=384)
-    a("--doc_stride", type=int, default=128, help="tokens of overlap between the windows of a long context")
-    a("--n_best_size", type=int, default=20)
-    a("--max_answer_length", type=int, default=30)
-    a("--per_device_train_batch_size", type=int, default=16)
-    a("--per_device_eval_batch_size", type=int, default=128)
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--learning_rate", type=float, default=3e-5)
-    a("--mask_scores_learning_rate", type=float, default=1e-2)
-    a("--weight_decay", type=float, default=0.0)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--warmup_ratio", type=float, default=0.1, help="fraction of fine-tuning steps with a rising lr")
-    a("--finetune_epochs", type=float, default=2.0, help="dense fine-tuning of a teacher")
-    a("--num_train_epochs", type=float, default=20.0, help="pruning epochs")
-    a("--fill_epochs", type=float, default=4.0, help="fine-tuning of the compacted model")
-    a("--initial_warmup", type=float, default=1.0, help="epochs at threshold 0 (and of lr warm-up) before pruning")
-    a("--final_warmup", type=float, default=10.0, help="epochs at the final threshold at the end of pruning")
+    a("--max_seq_length", type=POSITIVE, default=384)
+    a("--doc_stride", type=COUNT, default=128, help="tokens of overlap between the windows of a long context")
+    a("--n_best_size", type=POSITIVE, default=20)
+    a("--max_answer_length", type=POSITIVE, default=30)
+    a("--per_device_train_batch_size", type=POSITIVE, default=16)
+    a("--per_device_eval_batch_size", type=POSITIVE, default=128)
+    a("--gradient_accumulation_steps", type=POSITIVE, default=1)
+    a("--learning_rate", type=NUMBER, default=3e-5)
+    a("--mask_scores_learning_rate", type=NUMBER, default=1e-2)
+    a("--weight_decay", type=NUMBER, default=0.0)
+    a("--max_grad_norm", type=NUMBER, default=1.0)
+    a("--warmup_ratio", type=NUMBER, default=0.1, help="fraction of fine-tuning steps with a rising lr")
+    a("--finetune_epochs", type=NUMBER, default=2.0, help="dense fine-tuning of a teacher")
+    a("--num_train_epochs", type=NUMBER, default=20.0, help="pruning epochs")
+    a("--fill_epochs", type=NUMBER, default=4.0, help="fine-tuning of the compacted model")
+    a("--initial_warmup", type=NUMBER, default=1.0, help="epochs at threshold 0 (and of lr warm-up) before pruning")
+    a("--final_warmup", type=NUMBER, default=10.0, help="epochs at the final threshold at the end of pruning")
     a("--block", default="32x32", help="attention blocks: RxC, 'row', 'col' or 'head'")
-    a("--pruning_method", choices=["sigmoid", "topk"], default="sigmoid", help="keep a block while "
-      "sigmoid(score) > threshold (the paper), or the top (1 - threshold) of each matrix")
+    a("--pruning_method", default="sigmoid", help="keep a block while sigmoid(score) > threshold (the paper), or "
+      "'topk': the top (1 - threshold) of each matrix")
     a("--final_threshold", type=float, default=0.1)
-    a("--final_lambda", type=float, default=20.0)
-    a("--target_density", type=number_or_none, nargs="+", help="instead of "
-      "--final_threshold: prune to this fraction of the linear parameters (e.g. 0.26); the threshold follows it "
-      "down the cubic ramp. Several values (with --stage all): one pruned model each, from the same teacher. "
-      "'none': the paper's fixed final threshold (switches a preset's values off)")
-    a("--target_speedup", type=number_or_none, nargs="+", help="instead of --final_threshold or --target_density: "
-      "prune to 1 / this of the encoder's FLOPs at --max_seq_length (e.g. 2.5); likewise down the cubic ramp, "
-      "several values, 'none'")
-    a("--gate_dead_heads", choices=["always", "eval"], default="eval", help="mask the V of a head with no Q "
-      "or K left only at evaluation ('eval': the head can come back), or in training too ('always')")
+    a("--final_lambda", type=NUMBER, default=20.0)
+    a("--target_density", type=TARGET, help="instead of --final_threshold: prune to this fraction of the linear "
+      "parameters (e.g. 0.26); the threshold follows it down the cubic ramp. 'none': the paper's fixed final "
+      "threshold (switches a preset's target off)")
+    a("--target_speedup", type=TARGET, help="instead of --final_threshold or --target_density: prune to 1 / this "
+      "of the encoder's FLOPs at --max_seq_length (e.g. 2.5); likewise down the cubic ramp; 'none'")
+    a("--gate_dead_heads", default="eval", help="mask the V of a head with no Q or K left only at evaluation "
+      "('eval': the head can come back), or in training too ('always')")
     a("--no_teacher_cache", action="store_true", help="run the teacher at every step instead of caching its logits")
-    a("--speed_windows", type=int, default=0, help="time the speed-up on the first N dev windows (0: all)")
-    a("--attention_lambda", type=float, default=1.0)
-    a("--ffn_lambda", type=float, default=0.25)
-    a("--temperature", type=float, default=2.0)
-    a("--alpha_distil", type=float, default=0.9)
-    a("--alpha_ce", type=float, default=0.1)
+    a("--speed_windows", type=COUNT, default=0, help="time the speed-up on the first N dev windows (0: all)")
+    a("--attention_lambda", type=NUMBER, default=1.0)
+    a("--ffn_lambda", type=NUMBER, default=0.25)
+    a("--temperature", type=checked(float, lambda v: 0 < v < float("inf"), "a positive number"), default=2.0)
+    a("--alpha_distil", type=NUMBER, default=0.9)
+    a("--alpha_ce", type=NUMBER, default=0.1)
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--seed", type=int, default=17)
-    a("--logging_steps", type=int, default=100)
-    a("--save_steps", type=int, default=1000, help="training state every N steps (0: only at the end of a stage)")
-    a("--eval_steps", type=int, default=0, help="evaluate on the dev set every N steps (0: at the end only)")
+    a("--seed", type=checked(int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)"), default=17)
+    a("--logging_steps", type=POSITIVE, default=100)
+    a("--save_steps", type=COUNT, default=1000, help="training state every N steps (0: only at the end of a stage)")
+    a("--eval_steps", type=COUNT, default=0, help="evaluate on the dev set every N steps (0: at the end only)")
     args, _ = p.parse_known_args(argv)
-    p.set_defaults(**PRESETS[args.preset])
+    p.set_defaults(**presets()[args.preset])
     args = p.parse_args(argv)
     try:
         args.device = torch.device(args.device)
-    except RuntimeError:
+        assert args.device.type in ("cpu", "cuda")
+    except (RuntimeError, AssertionError):
         p.error(f"--device: 'cpu', 'cuda' or 'cuda:N', got {args.device!r}")
     if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
         p.error(f"--device {args.device}: no such GPU here ({torch.cuda.device_count()} visible)")
-    for name in ("target_density", "target_speedup"):  # 'none' switches a preset's values off
-        setattr(args, name, [d for d in getattr(args, name) or [] if d is not None] or None)
-    if args.do_eval:
-        args.stage = "eval"
     if args.precision == "auto":
         args.precision = "bf16" if args.device.type == "cuda" else "fp32"
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "max_seq_length", "logging_steps", "n_best_size", "max_answer_length"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.doc_stride < args.max_seq_length // 2:
+    if not args.doc_stride < args.max_seq_length // 2:
         p.error(f"--doc_stride must be in [0, max_seq_length / 2), got {args.doc_stride}")
-    # negative (or NaN) rates, epochs and weights would run without a word and train nonsense
-    for name in ("learning_rate", "mask_scores_learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio",
-                 "finetune_epochs", "num_train_epochs", "fill_epochs", "initial_warmup", "final_warmup",
-                 "final_lambda", "attention_lambda", "ffn_lambda", "alpha_distil", "alpha_ce", "speed_windows",
-                 "save_steps", "eval_steps"):
-        if not 0 <= getattr(args, name) < float("inf"):
-            p.error(f"--{name} must be a number >= 0, got {getattr(args, name)}")
-    if not 0 < args.temperature < float("inf"):
-        p.error(f"--temperature must be positive, got {args.temperature}")
-    if not 0 <= args.seed < 2 ** 63:
-        p.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    try:
+        prune_config(args)  # the pruning flags, checked by the method's own config before any work
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -844,18 +884,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.score:
         return score_main(args.score, args.dev_file)
-    if args.preset == "minilm":  # a fork has no ../shared: name the files and where to get them
-        missing = [v for k, v in PRESETS["minilm"].items() if k in ("model_name_or_path", "train_file", "dev_file")
-                   and getattr(args, k) == v and not Path(v).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"--preset minilm: not found: {', '.join(missing)} ($BLOCKPRUNE_SHARED, default ../shared). It needs "
-                "sentence-transformers/all-MiniLM-L6-v2 from the Hugging Face hub (a directory with config.json, "
-                "model.safetensors, vocab.txt) and SQuAD v1.1's train-v1.1.json and dev-v1.1.json from "
-                "https://rajpurkar.github.io/SQuAD-explorer/dataset/ (the study trains on the first 4,370 train "
-                "questions, the first 12 articles: README.md says how to cut them). Put them at those paths, or pass "
-                "--model_name_or_path, --train_file, --dev_file (a hub name, 'train' or 'dev' downloads the file; "
-                "--train_file train is the whole train set)")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: one process per GPU (or CPU process, gloo)
         if args.device.type == "cuda" and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
             raise ValueError(f"torchrun: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine but "
@@ -869,28 +897,54 @@ def main(argv=None):
             torch.cuda.set_device(args.device)
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission: say which flag, not a bare [Errno 17]
-        raise OSError(f"--output_dir {out} is a file, expected a directory" if out.is_file() else
-                      f"--output_dir {out}: cannot create it ({e.strerror or e})") from None
-    if args.target_density and args.target_speedup:
-        raise ValueError("--target_density and --target_speedup exclude each other: give one "
-                         "(--target_density none switches a preset's off)")
-    for name in ("target_density", "target_speedup"):
-        if len(getattr(args, name) or []) > 1 and args.stage == "prune":
-            raise ValueError(f"--{name}: several values need --stage all")
+    check_outputs(args, out)
+    if args.preset == "paper" and args.stage in ("all", "prune") and args.device.type == "cpu":
+        log("the paper's recipe on CPU: 20 pruning epochs of BERT-base are about 110,000 steps of 16 windows, weeks "
+            "on a CPU (docs/speed.md). --preset small runs the whole pipeline in minutes, --preset minilm the study")
     if args.stage == "all":
         return stage_all(args, out)
-    if args.stage == "finetune":
-        return stage_finetune(args, args.model_name_or_path, out)
-    if args.stage == "prune":
-        return stage_prune(args, args.model_name_or_path, args.teacher, out)
-    if args.stage == "compact":
-        return stage_compact(args, args.model_name_or_path, out)
-    if args.stage == "fill":
-        return stage_fill(args, args.model_name_or_path, args.teacher, out)
-    return stage_eval(args, args.model_name_or_path, out)
+    stage = {"finetune": stage_finetune, "prune": stage_prune, "compact": stage_compact, "fill": stage_fill,
+             "eval": stage_eval}[args.stage]
+    inputs = [args.model_name_or_path] + ([args.teacher] if args.stage in ("prune", "fill") else [])
+    return stage(args, *inputs, out) if args.stage in ("compact", "eval") else once(args, out, stage, *inputs)
+
+
+def check_outputs(args, out):
+    """Before any work: every directory the command writes can be written, none of them is one of its inputs,
+    and what a killed run left behind is cleaned up (its temporary files)."""
+    writes = [out] if args.stage != "all" else [out, *(out / d for d in ("teacher", "pruned", "compact", "filled"))]
+    flag = {out: "--output_dir"}
+    for d in writes + [DATA_DIR / "cache"]:
+        what = flag.get(d, str(d))
+        if d.is_file():
+            raise OSError(f"{what} {d} is a file, expected a directory")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write-probe{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:  # no permission, a read-only disk: say which flag, not a bare [Errno 13]
+            raise OSError(f"{what} {d}: cannot write there ({e.strerror or e})") from None
+        for leftover in d.glob(".*.tmp*"):  # atomic_write's temporary file, left by a process that was killed
+            pid = leftover.name.rsplit(".tmp", 1)[1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                leftover.unlink()
+    if args.stage != "eval":  # a stage that wrote over its own input would lose it
+        for name in ("model_name_or_path", "teacher"):
+            given = Path(getattr(args, name))
+            if given.is_dir() and any(given.resolve() == d.resolve() for d in writes if d.name != "teacher"):
+                raise ValueError(f"--output_dir {out}: the stage would write over --{name} {given}: give another "
+                                 "--output_dir")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def cli(argv=None):
@@ -1010,18 +1064,19 @@ class TrainingState:
     scaler, step and every process's random generator (dropout draws differ per process), written
     atomically by the first process."""
 
-    def __init__(self, path, net, opt, sched, scaler):
+    def __init__(self, path, net, opt, sched, scaler, settings=None):
         self.path, self.parts = path, {"net": net, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+        self.settings = settings  # the stage's settings (stage_settings), which --resume compares first (once)
 
     def load(self, device, stage):
         if not self.path.exists():
             return 0
+        state = read_state(self.path, map_location=device)
         try:
-            state = torch.load(self.path, map_location=device, weights_only=False)
             for k, part in self.parts.items():
                 part.load_state_dict(state[k])
             rng, cuda_rng = state["rng"], state["cuda_rng"]
-        except Exception as e:  # cut off, another stage's or model's: torch raises many kinds, some pages long
+        except Exception as e:  # another stage's or model's: torch raises many kinds, some pages long
             raise ValueError(f"{self.path}: not a training state of this stage and model ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}); move it away to start the stage afresh") from None
         if world_size() > 1 and len(state.get("rng_per_process", [])) == world_size():
@@ -1039,11 +1094,43 @@ class TrainingState:
             torch.distributed.all_gather_object(per_process, rng)
         if get_rank():
             return
-        buf = io.BytesIO()
-        torch.save({**{k: part.state_dict() for k, part in self.parts.items()}, "step": step, "rng": rng[0],
-                    "cuda_rng": rng[1], **({"rng_per_process": per_process} if world_size() > 1 else {})}, buf)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, buf.getvalue())
+        save_torch(self.path, {**{k: part.state_dict() for k, part in self.parts.items()}, "step": step,
+                               "rng": rng[0], "cuda_rng": rng[1], "settings": self.settings,
+                               **({"rng_per_process": per_process} if world_size() > 1 else {})})
+
+
+def read_state(path, **kw):
+    """A training state, or one line naming it when it is cut off or not one (mmap=True: read only what is used)."""
+    try:
+        state = torch.load(path, weights_only=False, **kw)
+        assert isinstance(state, dict)
+        return state
+    except Exception as e:  # cut off, foreign: torch raises many kinds, some pages long
+        raise ValueError(f"{path}: not a training state of this stage and model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else 'not a dict'}); move it away to start the "
+                         "stage afresh") from None
+
+
+def save_torch(path, obj):
+    """torch.save into a file written atomically (bert.atomic_write)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buf.getvalue())
+
+
+def load_cache(path, what, fits=lambda obj: True):
+    """A cache file's contents; None (with a line saying why) when it is missing, unreadable or does not fit."""
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, weights_only=True)
+        if fits(obj):
+            return obj
+        log(f"{path}: cached {what} that do not fit these windows; computing them again")
+    except Exception as e:  # a truncated or foreign file: torch raises several kinds
+        log(f"{path}: unreadable cache ({e!r}); computing the {what} again")
+    return None
 
 
 def ddp(net):

@@ -27,7 +27,7 @@ class TransformersQA(torch.nn.Module):
         out = self.hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         return out.start_logits, out.end_logits
 
-    def save_pretrained(self, out, vocab_file=None):
+    def save_pretrained(self, out, vocab_file=None, extra_files=None):
         self.hf.save_pretrained(out)
 
 

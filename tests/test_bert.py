@@ -274,3 +274,32 @@ def test_training_steps_match_transformers_from_the_same_qa_head(shared):
             losses[name].append(loss.item())
     assert losses["ours"] == pytest.approx(losses["hf"], rel=1e-5)
     assert losses["ours"][-1] < losses["ours"][0]  # it learns
+
+
+def test_transformers_4_checkpoint_with_pruned_heads_loads_as_the_heads_it_kept(tmp_path):
+    # transformers 4.x prune_heads() narrows the tensors and records {"layer": [heads]} in config.pruned_heads;
+    # the oracle: the dense transformers model with those heads' Q, K, V rows (biases too) and output columns zeroed
+    hf = transformers.BertForQuestionAnswering(transformers.BertConfig(
+        vocab_size=99, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+        max_position_embeddings=64)).eval()
+    pruned, hs = {"0": [1, 2], "1": [3]}, 12
+    state = {}
+    for k, v in hf.state_dict().items():
+        for layer, heads in pruned.items():
+            keep = torch.tensor([h * hs + i for h in range(4) if h not in heads for i in range(hs)])
+            gone = torch.tensor([h * hs + i for h in heads for i in range(hs)])
+            if f"layer.{layer}.attention.self." in k:
+                with torch.no_grad():
+                    v[gone] = 0
+                v = v[keep]
+            elif f"layer.{layer}.attention.output.dense.weight" in k:
+                with torch.no_grad():
+                    v[:, gone] = 0
+                v = v[:, keep]
+        state[k] = v.contiguous()
+    hf.config.pruned_heads = pruned
+    hf.config.save_pretrained(tmp_path)
+    bert.write_safetensors(tmp_path / "model.safetensors", state)
+    ours = BertForQuestionAnswering.from_pretrained(tmp_path).eval()
+    assert ours.config.num_attention_heads == [2, 3] and ours.config.attention_head_size == 12
+    assert_same_logits(ours, hf, 99)

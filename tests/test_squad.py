@@ -115,7 +115,7 @@ def test_missing_key_names_where(tmp_path):
 
 @pytest.mark.parametrize("body, message", [
     ({"version": "1.1", "data": []}, "no questions in it"),
-    (squad_json([("ctx", [("a", None, [("ctx", 0)])])]), "qas[0]: not SQuAD format (id, question and context must"),
+    (squad_json([("ctx", [("a", None, [("ctx", 0)])])]), "qas[0]: not SQuAD v1.1 (id, question and context must"),
     (squad_json([("ctx", [("a", "q?", [("nope", 0)])])]), "no question has an answer that matches its context"),
 ])
 def test_squad_file_with_nothing_to_train_on_is_refused_naming_it(tmp_path, body, message):
@@ -123,6 +123,30 @@ def test_squad_file_with_nothing_to_train_on_is_refused_naming_it(tmp_path, body
     with pytest.raises(ValueError) as e:
         ts.cached_features(tmp_path / "s.json", ts.DATA_DIR / "sample-vocab.txt", True, 64, 16, True, tmp_path)
     assert str(e.value).startswith(f"{tmp_path / 's.json'}: ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("body, message", [
+    (squad_json([("ctx a", [("x", "q?", [("ctx", 0)])]), ("ctx b", [("x", "r?", [("ctx", 0)])])]),
+     "data[0].paragraphs[1].qas[0]: not SQuAD v1.1 (id 'x' again (first at data[0].paragraphs[0].qas[0])"),
+    (squad_json([("ctx", [("a", "q?", [])])]), "qas[0]: not SQuAD v1.1 (no answers: every SQuAD v1.1 question"),
+    (squad_json([("ctx", [("a", "q?", [("ctx", "0")])])]), "qas[0]: not SQuAD v1.1 (an answer's text must be a string and its answer_start an integer"),
+])
+def test_squad_file_that_is_not_v1_1_in_a_subtle_way_is_refused_naming_where(tmp_path, body, message):
+    (tmp_path / "s.json").write_text(json.dumps(body))
+    with pytest.raises(ValueError) as e:
+        ts.load_squad(tmp_path / "s.json")
+    assert str(e.value).startswith(f"{tmp_path / 's.json'}: ") and message in str(e.value)
+
+
+def test_shipped_samples_have_unique_ids():
+    for name in ("sample-train.json", "sample-dev.json"):
+        ids = [q["id"] for q in ts.load_squad(ts.DATA_DIR / name)]  # load_squad refuses a repeated id
+        assert len(ids) == len(set(ids)) > 200
+
+
+def test_a_negative_answer_start_is_not_a_training_label(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps(squad_json([("ab ctx", [("a", "q?", [("ctx", -3)])])])))
+    assert ts.load_squad(tmp_path / "s.json")[0]["answers"] == []
 
 
 def test_mismatched_answers_dropped_for_training_kept_for_scoring(tmp_path, capsys, tokenizer):

@@ -1,0 +1,204 @@
+"""Nothing written is lost, nothing is silently wrong: checkpoints as units, outputs checked before any work,
+--resume that checks what it resumes. A tiny random BERT on the hand-made sample, a few steps each."""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import bert
+import blockprune as bp
+import train_squad as ts
+from bert import BertForQuestionAnswering
+
+FEW = ["--preset", "small", "--num_train_epochs", "2", "--initial_warmup", "0.5", "--final_warmup", "0.5",
+       "--fill_epochs", "1", "--finetune_epochs", "1", "--save_steps", "5"]
+
+
+def run(out, *flags):
+    return ts.main([*FEW, "--output_dir", str(out), *flags])
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """The small preset's tiny BERT, untrained, as a checkpoint: a teacher for distillation's mechanics."""
+    d = tmp_path_factory.mktemp("teacher")
+    model, vocab, _ = ts.load_checkpoint("tiny")
+    ts.save_checkpoint(model, d, vocab, True)
+    return d
+
+
+def weights(d):
+    return BertForQuestionAnswering.from_pretrained(d).state_dict()
+
+
+# ---- a checkpoint directory is one unit ------------------------------------------------------------
+
+@pytest.mark.parametrize("crash_in", ["the writing", "the moving into place"])
+def test_a_save_killed_midway_leaves_the_old_checkpoint_or_the_new_one(tmp_path, monkeypatch, crash_in):
+    model, vocab, _ = ts.load_checkpoint("tiny")
+    ts.save_checkpoint(bp.MaskedBert(model, bp.PruneConfig(block="8x8")), tmp_path, vocab, True)  # the old one
+    old = weights(tmp_path)
+    small = BertForQuestionAnswering(bert.BertConfig(**{**vars(model.config), "intermediate_size": 8}))
+    write, move = bert.atomic_write, os.replace
+
+    def kill_at_weights(path, data):  # kill -9 while model.safetensors is written: before the commit point
+        if Path(path).name == "model.safetensors":
+            raise KeyboardInterrupt
+        write(path, data)
+
+    moved = []
+
+    def kill_at_second_move(src, dst):  # kill -9 after the commit point, with one file moved into place
+        if Path(src).parent.name == ".commit":
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(src)
+        move(src, dst)
+    if crash_in == "the writing":
+        monkeypatch.setattr(bert, "atomic_write", kill_at_weights)
+    else:
+        monkeypatch.setattr(bert.os, "replace", kill_at_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        ts.save_checkpoint(small, tmp_path, vocab, True)  # a compacted model over the pruned one
+    monkeypatch.undo()
+    got, _, _ = ts.load_checkpoint(str(tmp_path))  # the reader finishes (or drops) the interrupted write
+    if crash_in == "the writing":
+        assert isinstance(got, bp.MaskedBert) and all(torch.equal(old[k], v) for k, v in weights(tmp_path).items())
+    else:  # the new one whole: its config and weights, and no scores of the old one beside them
+        assert got.config.intermediate_size == [8, 8] and not (tmp_path / "scores.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_write_that_fails_names_the_file_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bert.os, "fsync", full)
+    with pytest.raises(OSError, match=rf"^{tmp_path / 'metrics.json'}: cannot write it \(No space left on device\)$"):
+        bert.atomic_write(tmp_path / "metrics.json", b"{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- outputs and inputs, checked before any work -------------------------------------------------------
+
+def test_a_stage_that_would_write_over_its_input_is_refused(teacher, tmp_path):
+    with pytest.raises(ValueError, match=f"would write over --model_name_or_path {teacher}"):
+        run(teacher, "--stage", "compact", "--model_name_or_path", str(teacher))
+    with pytest.raises(ValueError, match=f"would write over --teacher {teacher}"):
+        run(teacher, "--stage", "prune", "--teacher", str(teacher))
+    assert ts.load_checkpoint(str(teacher))[0] is not None
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(teacher, tmp_path, monkeypatch):
+    monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("trained before the outputs were checked"))
+    (tmp_path / "pruned").write_text("in the way")
+    with pytest.raises(OSError, match=f"{tmp_path / 'pruned'} is a file, expected a directory"):
+        run(tmp_path, "--teacher", str(teacher))
+
+
+def test_temporary_files_of_a_killed_process_are_cleaned_up(tmp_path):
+    dead, alive = tmp_path / ".training_state.pt.tmp999999999", tmp_path / f".metrics.json.tmp{os.getpid()}"
+    dead.write_bytes(b"half"), alive.write_bytes(b"being written")
+    ts.check_outputs(ts.parse_args(["--preset", "small", "--stage", "eval"]), tmp_path)
+    assert not dead.exists() and alive.exists()
+
+
+def test_a_stage_from_a_masked_checkpoint_says_to_compact_first(teacher, tmp_path):
+    model, vocab, _ = ts.load_checkpoint("tiny")
+    ts.save_checkpoint(bp.MaskedBert(model, bp.PruneConfig(block="8x8")), tmp_path / "pruned", vocab, True)
+    with pytest.raises(ValueError, match="a pruned \\(masked\\) checkpoint; .* compact it first"):
+        run(tmp_path / "filled", "--stage", "fill", "--model_name_or_path", str(tmp_path / "pruned"),
+            "--teacher", str(teacher))
+
+
+# ---- resume checks what it resumes ---------------------------------------------------------------------
+
+@pytest.fixture
+def stopped(teacher, tmp_path, monkeypatch):
+    """A pruning run stopped by Ctrl-C after its training state of step 10 was saved."""
+    regularization, calls = bp.regularization, []
+
+    def crash(masked):
+        calls.append(1)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        return regularization(masked)
+    monkeypatch.setattr(bp, "regularization", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "--stage", "prune", "--teacher", str(teacher))
+    monkeypatch.setattr(bp, "regularization", regularization)
+    assert (tmp_path / "training_state.pt").exists()
+    return tmp_path
+
+
+@pytest.mark.parametrize("flag, value, saved", [("--learning_rate", "1e-3", "0.002"),
+                                                ("--num_train_epochs", "3", "2.0"),
+                                                ("--target_density", "0.5", "None")])
+def test_resume_with_other_settings_is_refused_naming_the_flag(teacher, stopped, flag, value, saved):
+    with pytest.raises(ValueError, match=rf"^{flag}: {stopped / 'training_state.pt'} was made with {saved}, this run"):
+        run(stopped, "--stage", "prune", "--teacher", str(teacher), "--resume", flag, value)
+
+
+def test_a_stopped_run_is_never_overwritten_without_resume(teacher, stopped):
+    state = (stopped / "training_state.pt").read_bytes()
+    with pytest.raises(ValueError, match="the training state of a stopped run: --resume continues it"):
+        run(stopped, "--stage", "prune", "--teacher", str(teacher))
+    assert (stopped / "training_state.pt").read_bytes() == state
+
+
+def test_eval_into_a_stopped_runs_directory_keeps_its_training_state(teacher, stopped):
+    run(stopped, "--stage", "eval", "--model_name_or_path", str(teacher))
+    assert (stopped / "training_state.pt").exists() and (stopped / "metrics.json").exists()
+
+
+def test_resume_of_a_finished_stage_skips_it_and_may_change_only_what_does_not_matter(teacher, tmp_path, monkeypatch):
+    first = run(tmp_path, "--stage", "prune", "--teacher", str(teacher))
+    monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("a finished stage was trained again"))
+    again = run(tmp_path, "--stage", "prune", "--teacher", str(teacher), "--resume", "--logging_steps", "3",
+                "--save_steps", "7", "--per_device_eval_batch_size", "5")
+    assert again == first
+    with pytest.raises(ValueError, match=rf"^--final_lambda: {tmp_path / 'metrics.json'} was made with 20.0"):
+        run(tmp_path, "--stage", "prune", "--teacher", str(teacher), "--resume", "--final_lambda", "10")
+
+
+def test_stage_all_resume_with_another_target_is_refused_not_skipped(teacher, tmp_path):
+    run(tmp_path, "--teacher", str(teacher), "--target_density", "0.6")
+    with pytest.raises(ValueError, match=rf"^--target_density: {tmp_path / 'pruned' / 'metrics.json'} was made "
+                                         r"with 0.6, this run gives 0.3"):
+        run(tmp_path, "--teacher", str(teacher), "--target_density", "0.3", "--resume")
+
+
+# ---- the minilm preset anywhere: the checkpoint from the hub, the official train file cut -------------
+
+def test_minilm_preset_without_the_shared_folder_downloads_its_files(tmp_path, monkeypatch, http_server):
+    model, vocab, _ = ts.load_checkpoint("tiny")  # stands in for all-MiniLM-L6-v2 on the local "hub"
+    model.save_pretrained(tmp_path / "hub-model", vocab)
+    hub = {f"/sentence-transformers/all-MiniLM-L6-v2/resolve/main/{f}": (tmp_path / "hub-model" / f).read_bytes()
+           for f in ("config.json", "vocab.txt", "model.safetensors")}
+    squad = {"/train-v1.1.json": (ts.DATA_DIR / "sample-train.json").read_bytes(),
+             "/dev-v1.1.json": (ts.DATA_DIR / "sample-dev.json").read_bytes()}
+    base = http_server({**hub, **squad})
+    for split, name in (("train", "/train-v1.1.json"), ("dev", "/dev-v1.1.json")):
+        monkeypatch.setitem(ts.SQUAD_URLS, split, (f"https://example.invalid{name}",
+                                                   hashlib.md5(squad[name]).hexdigest()))
+    monkeypatch.setenv("BLOCKPRUNE_SHARED", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_ENDPOINT", base)
+    monkeypatch.setenv("SQUAD_URL_BASE", base)
+    for module in (ts, bert):
+        monkeypatch.setattr(module, "DATA_DIR", tmp_path / "data")
+    args = ts.parse_args(["--preset", "minilm"])
+    assert (args.model_name_or_path, args.train_file, args.dev_file, args.max_train_questions) == (
+        "sentence-transformers/all-MiniLM-L6-v2", "train", "dev", 4370)
+    with pytest.raises(ValueError, match=r"--max_train_questions 4370: .*train-v1.1.json has only 240 questions"):
+        ts.main(["--preset", "minilm", "--stage", "finetune", "--output_dir", str(tmp_path / "out")])
+    m = ts.main(["--preset", "minilm", "--stage", "finetune", "--output_dir", str(tmp_path / "out"),
+                 "--max_train_questions", "100", "--max_seq_length", "128", "--doc_stride", "32",
+                 "--finetune_epochs", "0.5"])
+    assert sorted(set(http_server.requests)) == sorted([*hub, *squad]) and m["f1"] >= 0
+    examples, features = ts.features_for(ts.parse_args(["--preset", "minilm", "--max_train_questions", "100",
+                                                        "--max_seq_length", "128", "--doc_stride", "32"]),
+                                         tmp_path / "out" / "vocab.txt", True, "train")
+    every = ts.load_squad(tmp_path / "data" / "squad" / "train-v1.1.json")
+    assert examples == every[:100] and features["example_index"].max() == 99  # the file's first 100, in order
