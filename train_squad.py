@@ -863,10 +863,11 @@ def parse_args(argv=None):
     p.set_defaults(**presets()[args.preset])
     args = p.parse_args(argv)
     try:
-        args.device = torch.device(args.device)
-        assert args.device.type in ("cpu", "cuda")
+        device = torch.device(args.device)
+        assert device.type in ("cpu", "cuda")  # torch knows more (meta, mps, xpu...): none of them runs this
     except (RuntimeError, AssertionError):
         p.error(f"--device: 'cpu', 'cuda' or 'cuda:N', got {args.device!r}")
+    args.device = device
     if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
         p.error(f"--device {args.device}: no such GPU here ({torch.cuda.device_count()} visible)")
     if args.precision == "auto":
@@ -912,10 +913,9 @@ def main(argv=None):
 def check_outputs(args, out):
     """Before any work: every directory the command writes can be written, none of them is one of its inputs,
     and what a killed run left behind is cleaned up (its temporary files)."""
-    writes = [out] if args.stage != "all" else [out, *(out / d for d in ("teacher", "pruned", "compact", "filled"))]
-    flag = {out: "--output_dir"}
-    for d in writes + [DATA_DIR / "cache"]:
-        what = flag.get(d, str(d))
+    subdirs = [out / d for d in ("teacher", "pruned", "compact", "filled")] if args.stage == "all" else []
+    for d in [out, DATA_DIR / "cache", *(d for d in subdirs if d.exists())]:  # a subdirectory is made when used
+        what = "--output_dir" if d == out else str(d)
         if d.is_file():
             raise OSError(f"{what} {d} is a file, expected a directory")
         try:
@@ -932,7 +932,8 @@ def check_outputs(args, out):
     if args.stage != "eval":  # a stage that wrote over its own input would lose it
         for name in ("model_name_or_path", "teacher"):
             given = Path(getattr(args, name))
-            if given.is_dir() and any(given.resolve() == d.resolve() for d in writes if d.name != "teacher"):
+            # (a given --teacher's metrics.json may go beside it, into OUT/teacher: that loses nothing)
+            if given.is_dir() and any(given.resolve() == d.resolve() for d in subdirs[1:] or [out]):
                 raise ValueError(f"--output_dir {out}: the stage would write over --{name} {given}: give another "
                                  "--output_dir")
 
