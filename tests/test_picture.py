@@ -27,9 +27,11 @@ def pruned_by_hand():
 
 
 def test_head_pruning_stats_count_removed_heads_whole_and_the_zeros_left_in_survivors():
-    s = bp.head_pruning_stats(pruned_by_hand())
+    masked = pruned_by_hand()
+    s = bp.head_pruning_stats(masked)
     assert s["alive"] == [[False, True, True, True], [True, True, True, False]]
     assert s["ffn"] == [40, 48]
+    assert [sum(a) for a in s["alive"]] == masked.structure()["heads"] == bp.compact(masked).config.num_attention_heads
     assert (s["heads_removed"], s["heads_total"]) == (2, 8)
     head, block = 4 * 16 * 64, 16 * 16  # a head's weights in Q, K, V and the output; one block
     assert s["attention_pruned_in_removed_heads"] == 2 * head
