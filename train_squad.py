@@ -237,9 +237,13 @@ def stage_compact(args, masked_path, out):
     save_checkpoint(small, out, vocab, lowercase)
     r = bp.report(small, masked.model.config, args.max_seq_length)
     r["max_logit_difference_from_masked"] = diff
+    r["head_pruning"] = h = bp.head_pruning_stats(masked)
     atomic_write(out / "report.json", json.dumps(r, indent=2).encode())
     bp.plot_report(r, out / "structure.png")
-    log(bp.format_report(r) + f"\ncompacted vs masked logits: max difference {diff:.2e}")
+    bp.plot_masks(masked, out / "heads.png")
+    log(bp.format_report(r) + f"\ncompacted vs masked logits: max difference {diff:.2e}\n{h['heads_removed']}/"
+        f"{h['heads_total']} heads removed whole, holding {100 * h['fraction_in_removed_heads']:.1f} % of the "
+        "attention weights pruned")
     return r
 
 
