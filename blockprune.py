@@ -460,6 +460,83 @@ def plot_report(r, path, speedup=None):
     return True
 
 
+@torch.no_grad()
+def head_pruning_stats(masked):
+    """Does block pruning remove whole heads (the paper's Sec. 5 finding)? At the final threshold, gated: per layer
+    which heads live and the FFN units kept, the heads removed whole, and the attention weights pruned: those whose
+    mask is 0 plus every weight of a removed head (compaction cuts it all, even blocks its masks kept), and how
+    many of these lie in removed heads rather than in the zeros left inside surviving ones."""
+    m = masked.masks(masked.config.final_threshold, gate=True)
+    alive, ffn, pruned, in_removed = [], [], 0, 0
+    for i, layer in enumerate(masked.model.layers):
+        p = f"layers.{i}."
+        ffn.append(int(m[p + "ffn_in.bias"].sum()))
+        if not layer.heads:
+            alive.append([])
+            continue
+        w = {n: m[p + n + ".weight"] for n in ATTENTION}
+        live = heads_alive(w, layer.heads)
+        head = 4 * layer.head_size * masked.model.config.hidden_size  # one head's weights in Q, K, V and output
+        zeros = sum((w[n].t() if n == "attn_out" else w[n]).reshape(layer.heads, -1).eq(0).sum(1) for n in ATTENTION)
+        pruned += int(zeros[live].sum()) + head * int((~live).sum())
+        in_removed += head * int((~live).sum())
+        alive.append(live.tolist())
+    removed = sum(not a for layer in alive for a in layer)
+    return {"alive": alive, "ffn": ffn, "heads_removed": removed, "heads_total": sum(map(len, alive)),
+            "attention_pruned": pruned, "attention_pruned_in_removed_heads": in_removed,
+            "fraction_in_removed_heads": in_removed / max(1, pruned)}
+
+
+@torch.no_grad()
+def plot_masks(masked, path):
+    """The head-pruning picture, as a PNG: per layer (rows) the Q, K, V and output masks at the final threshold,
+    head boundaries drawn (a head is a band of rows of Q, K, V and a band of columns of the output), blocks kept
+    in surviving heads, blocks kept in removed heads (compaction cuts them) and pruned blocks in three colours,
+    and a strip of the FFN units kept. Skipped (returns False) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
+    except ImportError:
+        return False
+    s, m = head_pruning_stats(masked), masked.masks(masked.config.final_threshold, gate=True)
+    colours = ["white", "#f4a582", "#2166ac"]  # 0 pruned, 1 kept in a removed head, 2 kept
+    cmap, layers = ListedColormap(colours), masked.model.layers
+    fig, axes = plt.subplots(len(layers), 5, figsize=(11, 2.1 * len(layers) + 1.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 1, 1, 0.6]})
+    for i, layer in enumerate(layers):
+        p, live = f"layers.{i}.", torch.tensor(s["alive"][i], dtype=torch.bool)
+        for j, (name, title) in enumerate(zip(ATTENTION, ("Q", "K", "V", "output"))):
+            w = m[p + name + ".weight"].float()  # (out_features, in_features)
+            out = name == "attn_out"
+            band = live.repeat_interleave(layer.head_size).float() + 1  # per head row (column of the output)
+            a = axes[i, j]
+            a.imshow((w * (band[None, :] if out else band[:, None])).numpy(), cmap=cmap, vmin=0, vmax=2,
+                     interpolation="nearest", aspect="auto")
+            for h in range(1, layer.heads):  # head boundaries
+                (a.axvline if out else a.axhline)(h * layer.head_size - 0.5, color="black", lw=0.6)
+            a.set_xticks([]), a.set_yticks([])
+            a.set_title(f"{title} (heads = {'columns' if out else 'rows'})" if i == 0 else title, fontsize=9)
+        axes[i, 0].set_ylabel(f"layer {i}\n{int(live.sum())}/{layer.heads} heads", fontsize=9)
+        units = m[p + "ffn_in.bias"].float()  # (ffn,) one mask per unit
+        a = axes[i, 4]
+        a.imshow(2 * units[:, None].numpy(), cmap=cmap, vmin=0, vmax=2, interpolation="nearest", aspect="auto")
+        a.set_xticks([]), a.set_yticks([])
+        a.set_title(f"FFN units: {s['ffn'][i]}/{units.numel()}", fontsize=9)
+    fig.legend(handles=[Patch(facecolor=c, edgecolor="gray", label=t) for c, t in
+                        zip(colours[::-1], ("kept", "kept, but its head is removed whole", "pruned"))],
+               loc="lower center", ncol=3, fontsize=9, frameon=False)
+    f = s["fraction_in_removed_heads"]
+    fig.suptitle(f"{s['heads_removed']}/{s['heads_total']} heads removed whole; of the attention weights pruned, "
+                 f"{100 * f:.1f} % lie in removed heads, {100 * (1 - f):.1f} % in surviving ones", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 # ---- checkpoints of a masked model: the BERT as bert.py saves it, plus the scores -----------------
 
 def save_masked(masked, out_dir, vocab_file=None, extra_files=None):

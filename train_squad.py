@@ -228,11 +228,16 @@ def stage_compact(args, masked_path, out):
     fp32 = argparse.Namespace(**{**vars(args), "precision": "fp32"})
     (a, b, _), (c, d, _) = predict(fp32, masked, few, trim=False), predict(fp32, small, few, trim=False)
     r = {**bp.report(small, masked.model.config, args.max_seq_length),
-         "max_logit_difference_from_masked": max((a - c).abs().max().item(), (b - d).abs().max().item())}
+         "max_logit_difference_from_masked": max((a - c).abs().max().item(), (b - d).abs().max().item()),
+         "head_pruning": bp.head_pruning_stats(masked)}  # how much of the pruning removed whole heads
     save_checkpoint(small, out, vocab, lowercase)
     atomic_write(out / "report.json", json.dumps(r, indent=2).encode())
     bp.plot_report(r, out / "structure.png")
-    log(bp.format_report(r) + f"\ncompacted vs masked logits: max difference {r['max_logit_difference_from_masked']:.2e}")
+    bp.plot_masks(masked, out / "heads.png")
+    h, diff = r["head_pruning"], r["max_logit_difference_from_masked"]
+    log(bp.format_report(r) + f"\ncompacted vs masked logits: max difference {diff:.2e}"
+        f"\n{h['heads_removed']}/{h['heads_total']} heads removed whole, holding "
+        f"{100 * h['fraction_in_removed_heads']:.1f} % of the attention weights pruned")
     return r
 
 

@@ -38,6 +38,9 @@ def test_small_preset_runs_finetune_prune_compact_fill_eval(small_run):
     r = results["structure"]
     assert r["max_logit_difference_from_masked"] < 1e-5
     assert r["linear_density"] < 0.9  # something was pruned
+    assert r["head_pruning"]["heads_total"] == 16 and 0 <= r["head_pruning"]["fraction_in_removed_heads"] <= 1
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "compact" / "heads.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_densities_equal_what_the_weights_hold(small_run):
