@@ -498,8 +498,9 @@ def squad_file(path_or_split):
 
 
 def load_squad(path, max_questions=None):
-    """One dict per question (the first max_questions only, when given): id, title, question, context, answers (the spans whose text really is
-    context[answer_start:answer_start + len(text)]: training labels come from answers[0]) and
+    """One dict per question (the file's first max_questions only, when given): id, title, question, context,
+    answers (the spans whose text really is context[answer_start:answer_start + len(text)]: training labels
+    come from answers[0]) and
     gold_texts (every gold answer text as the file gives it: what the official metric scores against,
     so dropping a bad span never changes a score). A question whose spans are all bad keeps an empty
     answers list: it is still evaluated, but featurize(train=True) leaves it out rather than teach the

@@ -129,7 +129,8 @@ def test_squad_file_with_nothing_to_train_on_is_refused_naming_it(tmp_path, body
     (squad_json([("ctx a", [("x", "q?", [("ctx", 0)])]), ("ctx b", [("x", "r?", [("ctx", 0)])])]),
      "data[0].paragraphs[1].qas[0]: not SQuAD v1.1 (id 'x' again (first at data[0].paragraphs[0].qas[0])"),
     (squad_json([("ctx", [("a", "q?", [])])]), "qas[0]: not SQuAD v1.1 (no answers: every SQuAD v1.1 question"),
-    (squad_json([("ctx", [("a", "q?", [("ctx", "0")])])]), "qas[0]: not SQuAD v1.1 (an answer's text must be a string and its answer_start an integer"),
+    (squad_json([("ctx", [("a", "q?", [("ctx", "0")])])]),
+     "qas[0]: not SQuAD v1.1 (an answer's text must be a string and its answer_start an integer"),
 ])
 def test_squad_file_that_is_not_v1_1_in_a_subtle_way_is_refused_naming_where(tmp_path, body, message):
     (tmp_path / "s.json").write_text(json.dumps(body))
