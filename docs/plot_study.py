@@ -60,8 +60,10 @@ def plot_budget(runs, path):
     for name, r in runs.items():
         a = r.get("args") or {}
         d, steps = a.get("target_density"), r["pruned"].get("steps")
+        if isinstance(d, list):  # results.json of runs made when --target_density took several values
+            d = d[0]
         if d and steps:
-            key = (d[0], "" if a.get("gate_dead_heads", "always") == "always" else ", gated at eval only")
+            key = (d, "" if a.get("gate_dead_heads", "always") == "always" else ", gated at eval only")
             by_density.setdefault(key, []).append((steps, r["teacher"]["f1"] - r["pruned"]["f1"],
                                                    r["teacher"]["f1"] - r["filled"]["f1"], name))
     for (d, gate), points in sorted(by_density.items()):
