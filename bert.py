@@ -150,8 +150,10 @@ class BertForQuestionAnswering(nn.Module):
              + self.token_type_embeddings(token_type_ids))
         x = self.dropout(self.embeddings_ln(x))
         # attention_mask (transformers' name): 1 for tokens, 0 for padding. Every query may attend to the keys
-        # that are not padding. Without padding, nothing: SDPA then adds no bias to every score (as transformers)
-        attend = None if attention_mask is None or attention_mask.all() else attention_mask[:, None, None, :].bool()
+        # that are not padding. A batch without padding should come with None: SDPA then adds no bias to every
+        # score and may take its fastest kernels. (The caller knows: asking attention_mask.all() here would make
+        # the host wait for the GPU at every forward.)
+        attend = None if attention_mask is None else attention_mask[:, None, None, :].bool()
         for layer in self.layers:
             x = layer(x, attend)
         start, end = self.qa_outputs(x).float().unbind(-1)
