@@ -98,15 +98,31 @@ class Layer(nn.Module):
         if self.heads:
             q, k, v = (lin(x).view(B, T, self.heads, self.head_size).transpose(1, 2)
                        for lin in (self.query, self.key, self.value))
-            # fused attention kernel (flash / memory-efficient on GPU); attend: (B, 1, 1, T) booleans, or None
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend,
-                                               dropout_p=self.attn_dropout if self.training else 0.0)
+            # softmax(q k^T / sqrt(head_size)) v per head; attend: (B, 1, 1, T) booleans, or None
+            a = attention(q, k, v, attend, self.attn_dropout if self.training else 0.0)
             a = self.attn_out(a.transpose(1, 2).reshape(B, T, -1))
         else:
             a = self.attn_out.bias  # what an all-zero attention output leaves
         x = self.attn_ln(x + self.dropout(a))
         f = self.ffn_out(F.gelu(self.ffn_in(x))) if self.ffn_in.out_features else self.ffn_out.bias
         return self.ffn_ln(x + self.dropout(f))
+
+
+def attention(q, k, v, attend, dropout_p):
+    """Scaled dot-product attention, (B, heads, T, head_size) -> the same: PyTorch's fused kernel (flash or
+    memory-efficient on GPU, flash on CPU in fp32), except in bf16 / fp16 on CPU, where its kernel runs far below
+    the matrix products' speed. There the three plain steps, one sequence at a time so that its (heads, T, T)
+    scores stay in the cache, are faster (2 threads, batch 8 x 384, bf16; per layer: 12 heads 28 -> 19 ms, 5 heads
+    13 -> 9 ms; all at once, 37 ms for 12 heads; d26 cast to bf16 681 -> 610 ms per forward, dense 1882 -> 1838)."""
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p)
+    out = []
+    for i in range(q.shape[0]):
+        s = q[i] @ k[i].transpose(-1, -2) * q.shape[-1] ** -0.5  # (heads, T, T)
+        if attend is not None:
+            s = s.masked_fill(~attend[i], float("-inf"))
+        out.append(F.dropout(s.softmax(-1), dropout_p) @ v[i])
+    return torch.stack(out)
 
 
 class BertForQuestionAnswering(nn.Module):

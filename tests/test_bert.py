@@ -87,6 +87,19 @@ def host_syncs():
             setattr(torch.Tensor, name, f)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_attention_on_cpu_is_sdpa_within_rounding(dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 24, 16, generator=g) for _ in range(3))
+    ids, mask, types = batch(99)
+    attend = mask[:, None, None, :].bool()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    got = bert.attention(q.to(dtype), k.to(dtype), v.to(dtype), attend, 0.0)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, atol=0.02, rtol=0.02)
+    assert torch.equal(bert.attention(q, k, v, attend, 0.0), want)  # fp32: SDPA itself
+
+
 def test_forward_never_waits_for_the_device():
     import blockprune as bp
     model = random_weights(BertForQuestionAnswering(tiny_config()))
