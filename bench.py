@@ -13,6 +13,8 @@ Random weights: speed does not depend on them. Variants of a measurement take tu
 slow moment of the machine hits them all; each figure is the median of the repeats after warm-up.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -170,8 +172,9 @@ def training_step(variant, device, dtype, B, T):
             for s in masked.scores.values():
                 s.normal_(0, 2)
         f, params = masked, bp.param_groups(masked, 1e-5, 1e-2)
-        progress = ts.Progress(argparse.Namespace(per_device_train_batch_size=B, gradient_accumulation_steps=1,
-                                                  logging_steps=10 ** 9), variant, 10 ** 9, masked)
+        with contextlib.redirect_stderr(io.StringIO()):  # its "N steps of B windows" line
+            progress = ts.Progress(argparse.Namespace(per_device_train_batch_size=B, gradient_accumulation_steps=1,
+                                                      logging_steps=10 ** 9), variant, 10 ** 9, masked)
 
         def loss_fn(s, e):
             if "teacher" in variant:
@@ -345,7 +348,7 @@ def verdicts(rows):
 
 def show(row):
     head = f"{row['what']}: {row['device']} {row['dtype']}, batch {row['batch']}, length {row['seq']}"
-    lines = [head] + [f"  {k:<22} {1000 * v:10.1f} ms" for k, v in row["seconds"].items()]
+    lines = [head] + [f"  {k:<26} {1000 * v:10.1f} ms" for k, v in row["seconds"].items()]
     lines += [f"  {k}: {v:.2f}" + ("x" if "memory" not in k else "") for k, v in row.items() if isinstance(v, float)]
     if "peak memory MB" in row:
         lines += [f"  peak memory, {k}: {v:.0f} MB" for k, v in row["peak memory MB"].items()]
