@@ -409,7 +409,8 @@ def main(argv=None):
                                        memory=not args.quick and dtype == "fp32"))
             show(rows[-1])
         if len(precisions) > 1:
-            rows[-1]["bf16 over fp32, dense step"] = rows[-2]["seconds"]["ours dense"] / rows[-1]["seconds"]["ours dense"]
+            fp32, bf16 = rows[-2]["seconds"]["ours dense"], rows[-1]["seconds"]["ours dense"]
+            rows[-1]["bf16 over fp32, dense step"] = fp32 / bf16
             print(f"  training step, bf16 over fp32 (dense): {rows[-1]['bf16 over fp32, dense step']:.2f}x")
     if "cuda" in devices:  # fp32 as the paper timed it (TF32 off: PyTorch's default), then half precision
         gpu = torch.device("cuda")

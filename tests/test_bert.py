@@ -93,7 +93,8 @@ def test_half_precision_attention_on_cpu_is_sdpa_within_rounding(dtype):
     q, k, v = (torch.randn(3, 4, 24, 16, generator=g) for _ in range(3))
     ids, mask, types = batch(99)
     attend = mask[:, None, None, :].bool()
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2).reshape(3, 24, 64)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    want = want.transpose(1, 2).reshape(3, 24, 64)  # the heads side by side
     got = bert.attention(q.to(dtype), k.to(dtype), v.to(dtype), attend, 0.0)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want, atol=0.02, rtol=0.02)

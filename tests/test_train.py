@@ -48,7 +48,8 @@ def test_report_densities_equal_what_the_weights_hold(small_run):
                for layer in filled.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
     r = results["structure"]  # the compacted model's: its FFN padding (zero units, multiples of 8) counted apart
     assert r["linear_params"] + r["padding_params"] == held
-    assert r["linear_density"] == pytest.approx(r["linear_params"] / bp.linear_params(ts.load_checkpoint("tiny")[0].config))
+    dense = bp.linear_params(ts.load_checkpoint("tiny")[0].config)
+    assert r["linear_density"] == pytest.approx(r["linear_params"] / dense)
     assert [x["heads"] for x in r["layers"]] == filled.config.num_attention_heads
     masked = bp.load_masked(out / "pruned")
     s = masked.structure(masked.config.final_threshold)
