@@ -349,8 +349,11 @@ def prune_config(args, features):
 def predict(args, model, features, trim=True):
     """Start and end logits for every window, and the seconds spent in the model's forward passes
     (synchronised on GPU). trim=True batches windows of similar length and cuts the padding (fast);
-    trim=False runs full padded batches in file order, the paper's way of timing the dev evaluation."""
+    trim=False runs full padded batches in file order, the paper's way of timing the dev evaluation.
+    --compile runs torch.compile's kernels (its compilation counted in the first batch's seconds); where it
+    cannot run (no C compiler, an unsupported GPU) a one-line warning, and the model runs as it is."""
     model.to(args.device).eval()
+    forward = torch.compile(model, dynamic=True) if getattr(args, "compile", False) else model
     N, L, B = *features["input_ids"].shape, args.per_device_eval_batch_size
     order = features["attention_mask"].sum(1).argsort() if trim else torch.arange(N)
     start, end = torch.full((N, L), float("-inf")), torch.full((N, L), float("-inf"))  # padding: never an answer
@@ -361,7 +364,15 @@ def predict(args, model, features, trim=True):
         sync(args.device)
         t = time.perf_counter()
         with autocast(args):
-            s, e = model(ids, mask, types)
+            try:
+                s, e = forward(ids, mask, types)
+            except Exception as err:  # torch.compile compiles at the first call, and fails there
+                if forward is model:
+                    raise
+                log(f"warning: --compile: torch.compile cannot run here ({type(err).__name__}: "
+                    f"{str(err).strip().splitlines()[0][:150]}); running the model without it")
+                forward = model
+                s, e = forward(ids, mask, types)
         sync(args.device)
         seconds += time.perf_counter() - t
         start[idx, :s.shape[1]], end[idx, :e.shape[1]] = s.float().cpu(), e.float().cpu()

@@ -1,5 +1,6 @@
 import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -113,6 +114,15 @@ def test_forward_never_waits_for_the_device():
     with host_syncs() as calls:  # the counter sees our code's reads: structure() counts heads with int(...)
         masked.structure()
     assert calls and all(f.startswith("MaskedBert.structure") for f, _ in calls)
+
+
+@pytest.mark.skipif(not shutil.which("cc") and not shutil.which("gcc"), reason="torch.compile needs a C compiler")
+def test_compiled_model_gives_the_eager_logits():
+    model = random_weights(BertForQuestionAnswering(tiny_config(num_hidden_layers=1)))
+    ids, mask, types = batch(99)
+    with torch.no_grad():
+        want, got = model(ids, mask, types), torch.compile(model)(ids, mask, types)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"])

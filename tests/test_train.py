@@ -261,6 +261,27 @@ def test_pruning_steps_never_wait_for_the_device_between_logging_steps(small_run
     assert "check_finite" in reads[last] and last > 10  # the counter sees the logging step's reads
 
 
+def test_compile_that_cannot_run_warns_in_one_line_and_predicts_without_it(monkeypatch, capsys):
+    import argparse
+    model = BertForQuestionAnswering(ts.BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=8)).eval()
+    ids = torch.randint(1, 20, (3, 6), generator=torch.Generator().manual_seed(0))
+    features = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    args = argparse.Namespace(device=torch.device("cpu"), precision="fp32", per_device_eval_batch_size=2)
+    want = ts.predict(args, model, features)[:2]
+
+    def no_compiler(m, **kwargs):
+        def fail(*a):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(a page of advice)")
+        return fail
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    got = ts.predict(argparse.Namespace(**vars(args), compile=True), model, features)[:2]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    err = capsys.readouterr().err
+    assert err.count("warning: --compile: torch.compile cannot run here (RuntimeError: InvalidCxxCompiler") == 1
+    assert "a page of advice" not in err
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_state(small_run, tmp_path, monkeypatch, capsys):
     regularization, calls = bp.regularization, []
 
