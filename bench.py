@@ -13,6 +13,8 @@ Random weights: speed does not depend on them. Variants of a measurement take tu
 slow moment of the machine hits them all; each figure is the median of the repeats after warm-up.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -36,8 +38,8 @@ BASE = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_a
 # the released x2.44-f87.7-d26 model (docs/paper.md): heads and FFN width kept in layers 0..11
 D26 = replace(BASE, num_attention_heads=[4, 4, 6, 7, 7, 5, 6, 7, 5, 5, 5, 3], attention_head_size=64,
               intermediate_size=[552, 717, 795, 789, 833, 792, 620, 466, 283, 112, 96, 238])
-# the same with each FFN width rounded up to a multiple of 8 (zero units: the same function), the widths that
-# half-precision tensor-core matrix products want on GPU
+# the same with each FFN width rounded up to a multiple of 8 (zero units: the same function), as blockprune.compact
+# leaves it: the widths that half-precision tensor-core matrix products want on GPU. The rows' "d26" is this one.
 D26_FFN8 = replace(D26, intermediate_size=[-(-f // 8) * 8 for f in D26.intermediate_size])
 REFERENCE_SPEEDUP = 2.44  # what the paper's implementation measured for d26 on an RTX 3090
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,10 +101,12 @@ def sync(device):
 
 
 def inputs(B, T, device, vocab_size=30522):
+    """(ids, attention mask, token types): windows without padding, so no mask (None), as train_squad.batches
+    passes them."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (B, T), generator=g)
     types = (torch.arange(T) >= T // 4).long().expand(B, T)  # a question, then its context
-    return ids.to(device), torch.ones(B, T, dtype=torch.long, device=device), types.contiguous().to(device)
+    return ids.to(device), None, types.contiguous().to(device)
 
 
 def build(config, device):
@@ -113,23 +117,28 @@ def build(config, device):
 # ---- 1 and 2: inference ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def bench_inference(device, dtype, B, T, reps, warmup):
-    dense, d26 = build(BASE, device), build(D26, device)
-    fns = {"ours dense": ours(dense), "ours d26": ours(d26), "ours d26, FFN x8": ours(build(D26_FFN8, device))}
+def bench_inference(device, dtype, B, T, reps, warmup, cast=False):
+    """dense, d26 (FFN widths rounded to 8, as compact leaves them) and d26 at the paper's widths, ours and
+    transformers', under autocast to dtype or (cast) with the models cast to dtype: no fp32 LayerNorms then."""
+    dense, d26 = build(BASE, device), build(D26_FFN8, device)
+    fns = {"ours dense": ours(dense), "ours d26": ours(d26), "ours d26, paper's widths": ours(build(D26, device))}
     hf_dense, hf_d26 = transformers_twin(dense), transformers_twin(d26)
     if hf_dense is not None:
         fns.update({"transformers dense": theirs(hf_dense), "transformers d26": theirs(hf_d26)})
+    for m in (dense, d26, fns["ours d26, paper's widths"], hf_dense, hf_d26):
+        if cast and m is not None:
+            m.to(DTYPES[dtype])
     x = inputs(B, T, device)
 
     def run(f):
         def go():
-            with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+            with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32" and not cast):
                 f(*x)
         return go
     t = timeit({k: run(f) for k, f in fns.items()}, reps, warmup, device)
-    row = {"what": "inference", "device": device.type, "dtype": dtype, "batch": B, "seq": T, "seconds": t,
-           "d26 speed-up": t["ours dense"] / t["ours d26"],
-           "d26 speed-up, FFN x8": t["ours dense"] / t["ours d26, FFN x8"],
+    row = {"what": "inference", "device": device.type, "dtype": dtype + (" cast" if cast else ""), "batch": B,
+           "seq": T, "seconds": t, "d26 speed-up": t["ours dense"] / t["ours d26"],
+           "d26 speed-up, paper's widths": t["ours dense"] / t["ours d26, paper's widths"],
            "flop bound": bp.encoder_flops(BASE, T) / bp.encoder_flops(D26, T)}
     if hf_dense is not None:
         row["ours over transformers, dense"] = t["transformers dense"] / t["ours dense"]
@@ -145,8 +154,10 @@ STEPS = ("ours dense", "transformers dense", "ours d26", "transformers d26", "ou
 def training_step(variant, device, dtype, B, T):
     """One training step (forward, backward, AdamW) of a variant, as a function; None for transformers'
     when it is not installed. Fine-tuning (dense or d26, ours or transformers') takes the usual
-    start/end cross-entropy; pruning (masks, regulariser, distillation) takes the teacher's logits, cached
-    ("ours prune", as train_squad.py does by default) or computed by a teacher forward in the step."""
+    start/end cross-entropy; pruning runs what train_squad.train runs: the target-density schedule (half-way up
+    its ramp), masks, regulariser, distillation from the teacher's logits, cached ("ours prune", train_squad.py's
+    default) or computed by a teacher forward in the step, and the progress bookkeeping between logging steps."""
+    import train_squad as ts
     x = inputs(B, T, device)
     pos = torch.randint(0, T, (2, B), generator=torch.Generator().manual_seed(1)).to(device)
     model = build(D26 if "d26" in variant else BASE, device).train()
@@ -156,20 +167,22 @@ def training_step(variant, device, dtype, B, T):
             t_logits = teacher(*x)
         if "teacher" not in variant:
             del teacher
-        masked = bp.MaskedBert(model, bp.PruneConfig()).train()
-        masked.threshold = 0.05  # some blocks pruned, as in the middle of the ramp
+        masked = bp.MaskedBert(model, bp.PruneConfig(target_density=0.26, ramp_steps=2000)).train()
         with torch.no_grad():
             for s in masked.scores.values():
                 s.normal_(0, 2)
         f, params = masked, bp.param_groups(masked, 1e-5, 1e-2)
+        with contextlib.redirect_stderr(io.StringIO()):  # its "N steps of B windows" line
+            progress = ts.Progress(argparse.Namespace(per_device_train_batch_size=B, gradient_accumulation_steps=1,
+                                                      logging_steps=10 ** 9), variant, 10 ** 9, masked)
 
         def loss_fn(s, e):
             if "teacher" in variant:
                 with torch.no_grad():
-                    ts, te = teacher(*x)
+                    t_start, t_end = teacher(*x)
             else:
-                ts, te = t_logits
-            return bp.distillation_loss(s, e, ts, te, pos[0], pos[1]) + 10 * bp.regularization(masked)
+                t_start, t_end = t_logits
+            return bp.distillation_loss(s, e, t_start, t_end, pos[0], pos[1]) + lam * bp.regularization(masked)
     else:
         if variant.startswith("transformers"):
             model = transformers_twin(model)
@@ -180,14 +193,25 @@ def training_step(variant, device, dtype, B, T):
 
         def loss_fn(s, e):
             return (F.cross_entropy(s, pos[0]) + F.cross_entropy(e, pos[1])) / 2
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt, steps = torch.optim.AdamW(params, lr=1e-5), iter(range(1000, 10 ** 9))  # 1000: half-way up the ramp
 
     def step():
+        nonlocal lam
+        n = next(steps)
+        if "prune" in variant:
+            masked.threshold, lam = bp.schedule(n, masked)
         with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
             loss = loss_fn(*f(*x))
+        if "prune" in variant:
+            progress.micro_step(n, loss)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if "prune" in variant:
+            progress.step(n + 1, loss, 1e-5)
+    lam = 0.0
+    if "prune" in variant:
+        step.progress = progress
     return step
 
 
@@ -324,7 +348,7 @@ def verdicts(rows):
 
 def show(row):
     head = f"{row['what']}: {row['device']} {row['dtype']}, batch {row['batch']}, length {row['seq']}"
-    lines = [head] + [f"  {k:<22} {1000 * v:10.1f} ms" for k, v in row["seconds"].items()]
+    lines = [head] + [f"  {k:<26} {1000 * v:10.1f} ms" for k, v in row["seconds"].items()]
     lines += [f"  {k}: {v:.2f}" + ("x" if "memory" not in k else "") for k, v in row.items() if isinstance(v, float)]
     if "peak memory MB" in row:
         lines += [f"  peak memory, {k}: {v:.0f} MB" for k, v in row["peak memory MB"].items()]
@@ -374,17 +398,24 @@ def main(argv=None):
     devices = [d for d in ("cpu", "cuda") if args.device in ("all", d) and (d == "cpu" or torch.cuda.is_available())]
     if not devices:
         sys.exit("error: --device cuda: no GPU here")
-    if "cpu" in devices:
-        for B in (1, 8):
-            rows.append(bench_inference(cpu, "fp32", B, T, reps, warmup))
+    if "cpu" in devices:  # bf16 where the CPU has it natively (avx512_bf16, AMX): autocast and the models cast
+        precisions = [("fp32", False)] + [("bf16", c) for c in (False, True) if torch.backends.mkldnn.is_available()
+                                          and torch.ops.mkldnn._is_mkldnn_bf16_supported()]
+        for B, (dtype, cast) in [(1, ("fp32", False))] + [(8, p) for p in precisions]:
+            rows.append(bench_inference(cpu, dtype, B, T, reps, warmup, cast))
             show(rows[-1])
-        rows.append(bench_training(cpu, "fp32", 1 if args.quick else 8, T, min(reps, 3), warmup,
-                                   memory=not args.quick))
-        show(rows[-1])
-    if "cuda" in devices:
+        for dtype, _ in precisions[:2]:
+            rows.append(bench_training(cpu, dtype, 1 if args.quick else 8, T, min(reps, 3), warmup,
+                                       memory=not args.quick and dtype == "fp32"))
+            show(rows[-1])
+        if len(precisions) > 1:
+            fp32, bf16 = rows[-2]["seconds"]["ours dense"], rows[-1]["seconds"]["ours dense"]
+            rows[-1]["bf16 over fp32, dense step"] = fp32 / bf16
+            print(f"  training step, bf16 over fp32 (dense): {rows[-1]['bf16 over fp32, dense step']:.2f}x")
+    if "cuda" in devices:  # fp32 as the paper timed it (TF32 off: PyTorch's default), then half precision
         gpu = torch.device("cuda")
-        for dtype in ("bf16", "fp16"):
-            rows.append(bench_inference(gpu, dtype, 128, T, reps, warmup))
+        for dtype, cast in (("fp32", False), ("bf16", False), ("bf16", True), ("fp16", False)):
+            rows.append(bench_inference(gpu, dtype, 128, T, reps, warmup, cast))
             show(rows[-1])
         rows.append(bench_training(gpu, "bf16", 16, T, reps, warmup))
         show(rows[-1])

@@ -103,15 +103,33 @@ class Layer(nn.Module):
         if self.heads:
             q, k, v = (lin(x).view(B, T, self.heads, self.head_size).transpose(1, 2)
                        for lin in (self.query, self.key, self.value))
-            # fused attention kernel (flash / memory-efficient on GPU); attend: (B, 1, 1, T) booleans, or None
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend,
-                                               dropout_p=self.attn_dropout if self.training else 0.0)
-            a = self.attn_out(a.transpose(1, 2).reshape(B, T, -1))
+            # softmax(q k^T / sqrt(head_size)) v per head; attend: (B, 1, 1, T) booleans, or None
+            a = self.attn_out(attention(q, k, v, attend, self.attn_dropout if self.training else 0.0))
         else:
             a = self.attn_out.bias  # what an all-zero attention output leaves
         x = self.attn_ln(x + self.dropout(a))
         f = self.ffn_out(F.gelu(self.ffn_in(x))) if self.ffn_in.out_features else self.ffn_out.bias
         return self.ffn_ln(x + self.dropout(f))
+
+
+def attention(q, k, v, attend, dropout_p):
+    """Scaled dot-product attention: q, k, v (B, heads, T, head_size) -> (B, T, heads * head_size), the heads side
+    by side. PyTorch's fused kernel (flash or memory-efficient on GPU, flash on CPU in fp32), except in bf16 / fp16
+    on CPU, where it runs far below the matrix products' speed. There the three plain steps, one sequence at a time
+    so that its (heads, T, T) scores stay in the cache, are faster (2 threads, batch 8 x 384, bf16, per layer: 12
+    heads 32 -> 18 ms, 5 heads 13 -> 8 ms; all sequences at once 37 ms for 12 heads; a d26 forward cast to bf16
+    681 -> 610 ms, dense 1882 -> 1838)."""
+    B, H, T, hs = q.shape
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p).transpose(1, 2) \
+            .reshape(B, T, H * hs)
+    out = q.new_empty(B, T, H, hs)
+    for i in range(B):
+        s = (q[i] * hs ** -0.5) @ k[i].transpose(-1, -2)  # (heads, T, T)
+        if attend is not None:
+            s = s.masked_fill(~attend[i], float("-inf"))
+        out[i] = (F.dropout(s.softmax(-1), dropout_p) @ v[i]).transpose(0, 1)
+    return out.view(B, T, H * hs)
 
 
 class BertForQuestionAnswering(nn.Module):
@@ -155,8 +173,10 @@ class BertForQuestionAnswering(nn.Module):
              + self.token_type_embeddings(token_type_ids))
         x = self.dropout(self.embeddings_ln(x))
         # attention_mask (transformers' name): 1 for tokens, 0 for padding. Every query may attend to the keys
-        # that are not padding. Without padding, nothing: SDPA then adds no bias to every score (as transformers)
-        attend = None if attention_mask is None or attention_mask.all() else attention_mask[:, None, None, :].bool()
+        # that are not padding. A batch without padding should come with None: SDPA then adds no bias to every
+        # score and may take its fastest kernels. (The caller knows: asking attention_mask.all() here would make
+        # the host wait for the GPU at every forward.)
+        attend = None if attention_mask is None else attention_mask[:, None, None, :].bool()
         for layer in self.layers:
             x = layer(x, attend)
         start, end = self.qa_outputs(x).float().unbind(-1)

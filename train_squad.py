@@ -59,12 +59,13 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(1, warmup_steps),
                                                                  max(0.0, (total - s) / max(1, total - warmup_steps))))
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.precision == "fp16")
+    progress = Progress(args, stage, total, net if prune else None, out_dir / "training_state.pt")
     state = TrainingState(out_dir / "training_state.pt", net, opt, sched, scaler, getattr(args, "settings", None))
+    state.parts["progress"] = progress  # the heads that died or came back, counted across a --resume
     step = state.load(args.device, stage) if args.resume else 0
     forward = ddp(net)  # under torchrun: each process takes its share of a batch, gradients are averaged
     if teacher is not None:
         teacher.to(args.device).eval()
-    progress = Progress(args, stage, total, net if prune else None)
     with stop_signals(stage) as stop:
         while step < total:
             if prune:  # the threshold tau(t) and lambda(t) of this step (Sec. 3)
@@ -76,7 +77,7 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
                     loss = qa_loss(args, start, end, batch, teacher)
                     if prune and lam > 0:
                         loss = loss + lam * bp.regularization(net)
-                check_finite(loss, stage, step, state.path)
+                progress.micro_step(step, loss)  # kept on the device: checked at logging steps and saves
                 scaler.scale(loss / accum).backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
@@ -85,18 +86,24 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if prune and step == total:  # the last line then describes the model that is saved
+                bp.end_of_schedule(net, total)
             progress.step(step, loss, sched.get_last_lr()[0])
             if args.save_steps and step % args.save_steps == 0:
+                check_finite(progress)
                 state.save(step)
             if dev and args.eval_steps and step % args.eval_steps == 0 and step < total and not get_rank():
+                check_finite(progress)
                 m = squad_evaluate(dev[0], postprocess(dev[0], dev[1], *predict(args, net, dev[1])[:2],
                                                        args.n_best_size, args.max_answer_length))
                 log(f"{stage} step {step}: dev EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
                 net.train()
             if all_stopping(stop, args.device):  # SIGTERM or Ctrl-C: keep this step's state, then leave
+                check_finite(progress)
                 state.save(step)
                 raise SystemExit(f"{stage}: stopped by {stop[0] if stop else 'a signal to another process'} after "
                                  f"step {step}; the state is in {state.path}: run the same command with --resume")
+    check_finite(progress)
     if args.save_steps:
         state.save(step)
     if prune:  # evaluation and compaction use the threshold of the end of the schedule
@@ -195,7 +202,7 @@ def teacher_logits(args, teacher_path, vocab, features):
     fits = lambda logits: all(logits[k].shape == windows[0].shape for k in ("teacher_start", "teacher_end"))  # noqa
     if not get_rank() and load_cache(path, "teacher logits", fits) is None:
         log(f"teacher logits: running {teacher_path} over the {len(windows[0])} training windows once")
-        start, end, seconds = predict(args, teacher, features, trim=False)
+        start, end, seconds = predict(args, teacher, features, trim=False, name="teacher logits")
         save_torch(path, {"teacher_start": start, "teacher_end": end})
         log(f"teacher logits: {seconds:.0f} s in the model, kept in {path}")
     barrier()  # under torchrun: the first process has written them
@@ -324,7 +331,7 @@ def once(args, d, fn, *inputs):
 def stage_settings(args, stage):
     """What a stage's result depends on: --resume refuses to continue or skip a stage run with other values. Every
     other flag may change on resume (--save_steps, --logging_steps, --eval_steps, --device,
-    --per_device_eval_batch_size, --no_teacher_cache, --speed_windows)."""
+    --per_device_eval_batch_size, --no_teacher_cache, --speed_windows, --compile)."""
     names = ["model_name_or_path", "dev_file", "max_seq_length", "doc_stride", "n_best_size", "max_answer_length",
              "precision"]
     if stage != "eval":
@@ -372,22 +379,37 @@ def prune_config(args, features=None):
 # ---- evaluation ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict(args, model, features, trim=True):
+def predict(args, model, features, trim=True, name=None):
     """Start and end logits for every window, and the seconds spent in the model's forward passes
     (synchronised on GPU). trim=True batches windows of similar length and cuts the padding (fast);
-    trim=False runs full padded batches in file order, the paper's way of timing the dev evaluation."""
+    trim=False runs full padded batches in file order, the paper's way of timing the dev evaluation.
+    With a name, a long pass (the dev set, the teacher over the train set) says how far it is every 30 s.
+    --compile runs torch.compile's kernels (its compilation counted in the first batch's seconds); where it
+    cannot run (no C compiler, an unsupported GPU) a one-line warning, and the model runs as it is."""
     model.to(args.device).eval()
+    forward = torch.compile(model, dynamic=True) if getattr(args, "compile", False) else model
     N, L, B = *features["input_ids"].shape, args.per_device_eval_batch_size
     order = features["attention_mask"].sum(1).argsort() if trim else torch.arange(N)
     start, end = torch.full((N, L), float("-inf")), torch.full((N, L), float("-inf"))  # padding: never an answer
-    seconds = 0.0
+    seconds, t0, shown = 0.0, time.time(), time.time()
     for i in range(0, N, B):
+        if name and i and time.time() - shown >= PROGRESS_SECONDS:
+            shown, rate = time.time(), i / (time.time() - t0)
+            log(f"{name}: {i}/{N} windows | {rate:.1f} windows/s | {hms((N - i) / rate)} left")
         idx = order[i:i + B]
         ids, mask, types = batches(features, idx, args.device, trim=trim)
         sync(args.device)
         t = time.perf_counter()
         with autocast(args):
-            s, e = model(ids, mask, types)
+            try:
+                s, e = forward(ids, mask, types)
+            except Exception as err:  # torch.compile compiles at the first call, and fails there
+                if forward is model:
+                    raise
+                log(f"warning: --compile: torch.compile cannot run here ({type(err).__name__}: "
+                    f"{str(err).strip().splitlines()[0][:150]}); running the model without it")
+                forward = model
+                s, e = forward(ids, mask, types)
         sync(args.device)
         seconds += time.perf_counter() - t
         start[idx, :s.shape[1]], end[idx, :e.shape[1]] = s.float().cpu(), e.float().cpu()
@@ -399,7 +421,7 @@ def evaluate(args, model, examples, features, out_dir, name, steps=None):
     the model, when given) into out_dir, by the first process only under torchrun."""
     if get_rank():
         return None
-    start, end, seconds = predict(args, model, features)
+    start, end, seconds = predict(args, model, features, name=f"{name}: dev evaluation")
     predictions = postprocess(examples, features, start, end, args.n_best_size, args.max_answer_length)
     metrics = {**squad_evaluate(examples, predictions), "eval_seconds": seconds, "windows": len(start),
                "evaluated_on": eval_key(args), **({"steps": steps} if steps else {}),
@@ -859,6 +881,8 @@ def parse_args(argv=None):
     a("--temperature", type=checked(float, lambda v: 0 < v < float("inf"), "a positive number"), default=2.0)
     a("--alpha_distil", type=NUMBER, default=0.9)
     a("--alpha_ce", type=NUMBER, default=0.1)
+    a("--compile", action="store_true", help="evaluate through torch.compile (off by default; where it cannot "
+      "run: a one-line warning, then eager)")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--seed", type=checked(int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)"), default=17)
@@ -1009,12 +1033,15 @@ def get_batch(args, features, step, micro):
 def batches(features, idx, device, keys=("input_ids", "attention_mask", "token_type_ids"), trim=True, like=None):
     """The windows idx, cut to the longest of them (or of the windows `like`: the global batch under
     torchrun). Padding holds no answer and attention never looks at it; SQuAD windows average 175 of
-    384 tokens, so cutting it halves the work."""
+    384 tokens, so cutting it halves the work. A batch left without padding gets attention_mask None: the
+    model then needs no mask, and asks the device nothing (the windows are still on the host here)."""
     out = [features[k][idx] for k in keys]
     if trim:
         n = int(features["attention_mask"][idx if like is None else like].sum(1).max())
         out = [t[:, :n] if t.dim() == 2 and t.shape[1] == features["input_ids"].shape[1] else t for t in out]
-    return [t.to(device, non_blocking=True) for t in out]
+    if "attention_mask" in keys and out[keys.index("attention_mask")].all():
+        out[keys.index("attention_mask")] = None
+    return [t if t is None else t.to(device, non_blocking=True) for t in out]
 
 
 def autocast(args):
@@ -1023,34 +1050,49 @@ def autocast(args):
     return torch.autocast(args.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def check_finite(loss, stage, step, state_path):
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{stage}: loss is {loss.item()} in step {step + 1}; the last good state is "
-                                 f"{state_path if state_path.exists() else 'not saved yet'}")
+def check_finite(progress):
+    """Stop on the first loss that was not finite since the start. The steps only record it on the device
+    (Progress.micro_step): asking at every step would make the host wait for the GPU. This runs at logging steps
+    and before every save, so that the state saved is always one of finite losses."""
+    if progress.bad_step is not None and progress.bad_step > 0:
+        raise FloatingPointError(f"{progress.stage}: loss is {progress.bad_loss.item()} in step "
+                                 f"{progress.bad_step.item()}; the last good state is "
+                                 f"{progress.state_path if progress.state_path.exists() else 'not saved yet'}")
 
 
 class Progress:
     """A line every --logging_steps: step, loss, lr, examples per second over the last interval (a pause or
     an evaluation in between does not skew it for long) and time left; when pruning also the threshold,
-    lambda, densities, heads, the scores' spread and how many heads died or came back since the start."""
+    lambda, densities, heads, the scores' spread and how many heads died or came back since the start.
+    Between two lines nothing here waits for the device: the counts and the first non-finite loss stay on it."""
 
-    def __init__(self, args, stage, total, masked=None):
-        self.args, self.stage, self.total, self.masked = args, stage, total, masked
+    def __init__(self, args, stage, total, masked=None, state_path=None):
+        self.args, self.stage, self.total, self.masked, self.state_path = args, stage, total, masked, state_path
         self.batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
         self.t0, self.seen = time.time(), 0
         self.alive, self.died, self.revived = None, 0, 0
+        self.bad_step = self.bad_loss = None  # the first step (from 1) whose loss was not finite, 0 for none
         log(f"{stage}: {total} steps of {self.batch} windows")
+
+    def micro_step(self, step, loss):
+        loss = loss.detach()
+        if self.bad_step is None:
+            self.bad_step, self.bad_loss = torch.zeros((), dtype=torch.long, device=loss.device), loss.float()
+        bad = ~torch.isfinite(loss) & (self.bad_step == 0)
+        self.bad_step = torch.where(bad, step + 1, self.bad_step)
+        self.bad_loss = torch.where(bad, loss.float(), self.bad_loss)
 
     def step(self, step, loss, lr):
         self.seen += self.batch
         if self.masked is not None:  # heads that die and come back, counted at every step
             alive = bp.heads_alive_at(self.masked, self.masked.threshold)
             if self.alive is not None:
-                self.died += int((self.alive & ~alive).sum())
-                self.revived += int((~self.alive & alive).sum())
+                self.died = self.died + (self.alive & ~alive).sum()
+                self.revived = self.revived + (~self.alive & alive).sum()
             self.alive = alive
         if step % self.args.logging_steps and step != self.total:
             return
+        check_finite(self)
         rate = self.seen / (time.time() - self.t0)
         self.t0, self.seen = time.time(), 0
         line = f"{self.stage} step {step}/{self.total} | loss {loss.item():.4f} | lr {lr:.2e}"
@@ -1062,8 +1104,14 @@ class Progress:
                      f" compact {100 * s['compact_density']:.1f}% | heads {sum(s['heads'])}/"
                      f"{sum(net.model.config.num_attention_heads)} (died {self.died}, came back {self.revived})"
                      f" | scores attn {attn[0]:+.3f}±{attn[1]:.3f} ffn {ffn[0]:+.3f}±{ffn[1]:.3f}")
-        left = round((self.total - step) * self.batch / rate)
-        log(f"{line} | {rate:.1f} ex/s | {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
+        left = (self.total - step) * self.batch / rate
+        log(f"{line} | {rate:.1f} ex/s | {hms(left)} left")
+
+    def state_dict(self):  # for --resume: the heads' counts go on where they stopped
+        return {"alive": self.alive, "died": self.died, "revived": self.revived}
+
+    def load_state_dict(self, state):
+        self.alive, self.died, self.revived = state["alive"], state["died"], state["revived"]
 
 
 class TrainingState:
@@ -1178,6 +1226,14 @@ def stop_signals(stage):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+PROGRESS_SECONDS = 30  # how often a long evaluation or teacher pass says how far it is
+
+
+def hms(seconds):
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def world_size():

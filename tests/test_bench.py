@@ -57,3 +57,12 @@ def test_study_times_each_finished_run_on_this_cpu_and_records_it(tmp_path):
     (run / "filled/config.json").unlink()  # an unfinished run
     with pytest.raises(SystemExit, match=r"^error: --study: \S+/filled/config.json: expected a model's config.json"):
         bench.main(argv)
+
+
+def test_pruning_step_runs_what_training_runs():
+    # the target-density schedule (its threshold a tensor, found from the scores), the progress bookkeeping
+    step = bench.training_step("ours prune", torch.device("cpu"), "fp32", 1, 8)
+    step(), step()
+    masked = step.progress.masked
+    assert torch.is_tensor(masked.threshold) and 0 < masked.threshold < 1
+    assert step.progress.alive is not None and step.progress.bad_step == 0

@@ -1,4 +1,8 @@
+import contextlib
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,10 +41,10 @@ def batch(vocab_size, B=3, T=24):
 
 def assert_same_logits(ours, hf, vocab_size, padding=True):
     ids, mask, types = batch(vocab_size)
-    if not padding:  # no padding: our model passes no mask to SDPA at all
+    if not padding:  # no padding: transformers gets a mask of ones, our model None (train_squad.batches' way)
         mask = torch.ones_like(mask)
     with torch.no_grad():
-        s, e = ours(ids, mask, types)
+        s, e = ours(ids, mask if padding else None, types)
         out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
     torch.testing.assert_close(s, out.start_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(e, out.end_logits, atol=1e-5, rtol=0)
@@ -56,6 +60,69 @@ def test_logits_match_pruned_transformers_with_uneven_layers():
     model = random_weights(BertForQuestionAnswering(tiny_config(
         num_attention_heads=[4, 1, 2], intermediate_size=[80, 7, 33], attention_head_size=12)))
     assert_same_logits(model, transformers_twin(model), 99)
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """Yields a list that collects (function, line) for each read of a tensor's value by our own code (bert.py,
+    blockprune.py, train_squad.py): item, bool, int, float, formatting, cpu... On a GPU each makes the host wait
+    for the device. What torch does inside its own functions is not counted (AdamW reads its step counts, CPU
+    tensors, on the host)."""
+    ours = {str(Path(bert.__file__).with_name(f)) for f in ("bert.py", "blockprune.py", "train_squad.py")}
+    names = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "__format__")
+    originals, calls = {name: getattr(torch.Tensor, name) for name in names}, []
+
+    def counted(f):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename in ours:
+                calls.append((caller.co_qualname, sys._getframe(1).f_lineno))
+            return f(self, *args, **kwargs)
+        return read
+    try:
+        for name, f in originals.items():
+            setattr(torch.Tensor, name, counted(f))
+        yield calls
+    finally:
+        for name, f in originals.items():
+            setattr(torch.Tensor, name, f)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_attention_on_cpu_is_sdpa_within_rounding(dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 24, 16, generator=g) for _ in range(3))
+    ids, mask, types = batch(99)
+    attend = mask[:, None, None, :].bool()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    want = want.transpose(1, 2).reshape(3, 24, 64)  # the heads side by side
+    got = bert.attention(q.to(dtype), k.to(dtype), v.to(dtype), attend, 0.0)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, atol=0.02, rtol=0.02)
+    assert torch.equal(bert.attention(q, k, v, attend, 0.0), want)  # fp32: SDPA itself
+
+
+def test_forward_never_waits_for_the_device():
+    import blockprune as bp
+    model = random_weights(BertForQuestionAnswering(tiny_config()))
+    ids, mask, types = batch(99)
+    masked = bp.MaskedBert(model, bp.PruneConfig(block="4x4"))
+    masked.threshold = torch.tensor(0.3)  # as the target-density schedule leaves it: a tensor
+    with host_syncs() as calls:
+        model(ids, mask, types), model(ids, None, types), masked.train()(ids, mask, types), masked.eval()(ids)
+    assert calls == []
+    with host_syncs() as calls:  # the counter sees our code's reads: structure() counts heads with int(...)
+        masked.structure()
+    assert calls and all(f.startswith("MaskedBert.structure") for f, _ in calls)
+
+
+@pytest.mark.skipif(not shutil.which("cc") and not shutil.which("gcc"), reason="torch.compile needs a C compiler")
+def test_compiled_model_gives_the_eager_logits():
+    model = random_weights(BertForQuestionAnswering(tiny_config(num_hidden_layers=1)))
+    ids, mask, types = batch(99)
+    with torch.no_grad():
+        want, got = model(ids, mask, types), torch.compile(model)(ids, mask, types)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"])

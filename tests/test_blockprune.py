@@ -144,15 +144,20 @@ def test_compacted_model_gives_the_masked_models_logits():
     model = tiny()
     masked = bp.MaskedBert(model, bp.PruneConfig(block="16x8")).eval()  # 16x8 blocks, head size 16
     random_masks(masked)
-    small = bp.compact(masked).eval()
+    small, unpadded = bp.compact(masked).eval(), bp.compact(masked, multiple=1).eval()
     assert small.config.num_attention_heads[:2] == [1, 0] and small.config.intermediate_size[2] == 0
-    assert small.config.intermediate_size[1] <= 28
+    assert small.config.intermediate_size[1] <= 32 and all(f % 8 == 0 for f in small.config.intermediate_size)
     with torch.no_grad():
-        want, got = masked(*inputs()), small(*inputs())
+        want, got, got_unpadded = masked(*inputs()), small(*inputs()), unpadded(*inputs())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_unpadded, want, atol=1e-5, rtol=0)
     s = masked.structure()
-    assert s["heads"] == small.config.num_attention_heads and s["ffn"] == small.config.intermediate_size
-    assert s["compact_density"] == pytest.approx(bp.linear_params(small.config) / bp.linear_params(model.config))
+    assert s["heads"] == small.config.num_attention_heads and s["ffn"] == unpadded.config.intermediate_size
+    assert small.config.intermediate_size == [-(-f // 8) * 8 for f in s["ffn"]] != s["ffn"]  # some padding
+    r = bp.report(small, model.config)  # the padding counted apart: the report is the unpadded model's
+    assert [x["ffn"] for x in r["layers"]] == s["ffn"] and r["linear_params"] == bp.linear_params(unpadded.config)
+    assert r["linear_params"] + r["padding_params"] == bp.linear_params(small.config)
+    assert s["compact_density"] == pytest.approx(bp.linear_params(unpadded.config) / bp.linear_params(model.config))
 
 
 def test_report_counts_what_the_weights_hold(tmp_path):
@@ -161,9 +166,13 @@ def test_report_counts_what_the_weights_hold(tmp_path):
     small = bp.compact(masked)
     r = bp.report(small, tiny().config, seq_len=32)
     held = sum(getattr(l, n).weight.numel() for l in small.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
-    assert r["linear_params"] == held and r["linear_params_dense"] == 3 * (4 * 64 * 64 + 2 * 48 * 64)
+    pad = sum(x["ffn_padding"] for x in r["layers"])
+    assert pad > 0 and r["padding_params"] == 2 * 64 * pad and "padded to multiples of 8" in bp.format_report(r)
+    assert r["linear_params"] == held - r["padding_params"]
+    assert r["linear_params_dense"] == 3 * (4 * 64 * 64 + 2 * 48 * 64)
     assert r["heads"] == sum(small.config.num_attention_heads) and r["total_params"] == small.num_parameters()
-    assert r["flops"] == bp.encoder_flops(small.config, 32) and r["flops_dense"] == bp.encoder_flops(tiny().config, 32)
+    assert r["flops"] + r["flops_padding"] == bp.encoder_flops(small.config, 32)
+    assert r["flops_dense"] == bp.encoder_flops(tiny().config, 32)
     assert r["predicted_speedup"] == r["flops_dense"] / r["flops"] > 1
     assert "linear params" in bp.format_report(r) and "predicted speed-up" in bp.format_report(r)
     if bp.plot_report(r, tmp_path / "structure.png", speedup=1.5):

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,13 +49,15 @@ def test_report_densities_equal_what_the_weights_hold(small_run):
     filled = BertForQuestionAnswering.from_pretrained(out / "filled")
     held = sum(getattr(layer, n).weight.numel()
                for layer in filled.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
-    r = results["structure"]
-    assert r["linear_params"] == held
-    assert r["linear_density"] == pytest.approx(held / bp.linear_params(ts.load_checkpoint("tiny")[0].config))
+    r = results["structure"]  # the compacted model's: its FFN padding (zero units, multiples of 8) counted apart
+    assert r["linear_params"] + r["padding_params"] == held
+    dense = bp.linear_params(ts.load_checkpoint("tiny")[0].config)
+    assert r["linear_density"] == pytest.approx(r["linear_params"] / dense)
     assert [x["heads"] for x in r["layers"]] == filled.config.num_attention_heads
     masked = bp.load_masked(out / "pruned")
     s = masked.structure(masked.config.final_threshold)
-    assert s["heads"] == filled.config.num_attention_heads and s["ffn"] == filled.config.intermediate_size
+    assert s["heads"] == filled.config.num_attention_heads and s["ffn"] == [x["ffn"] for x in r["layers"]]
+    assert filled.config.intermediate_size == [-(-f // 8) * 8 for f in s["ffn"]]
 
 
 def test_large_lambda_removes_whole_heads_and_ffn_units(small_run, tmp_path):
@@ -95,10 +98,16 @@ def test_invalid_flags_are_refused_with_the_flag_named(small_run, tmp_path, flag
     assert message in (str(e.value) + capsys.readouterr().err)
 
 
-def test_killed_pruning_run_resumes_as_if_never_stopped(small_run, tmp_path, monkeypatch):
+def heads_counted(err):
+    """(died, came back) of the last progress line."""
+    return re.findall(r"\(died (\d+), came back (\d+)\)", err)[-1]
+
+
+def test_killed_pruning_run_resumes_as_if_never_stopped(small_run, tmp_path, monkeypatch, capsys):
     flags = ["--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--num_train_epochs", "3",
              "--initial_warmup", "1", "--final_warmup", "1", "--save_steps", "10"]
     run(tmp_path / "whole", *flags)
+    whole = heads_counted(capsys.readouterr().err)
     regularization, calls = bp.regularization, []
 
     def crash(masked):  # Ctrl-C in the middle of a step, past a saved state
@@ -112,7 +121,9 @@ def test_killed_pruning_run_resumes_as_if_never_stopped(small_run, tmp_path, mon
         run(tmp_path / "killed", *flags)
     assert (tmp_path / "killed" / "training_state.pt").exists()
     monkeypatch.setattr(bp, "regularization", regularization)
+    capsys.readouterr()
     run(tmp_path / "killed", *flags, "--resume")
+    assert heads_counted(capsys.readouterr().err) == whole  # the heads' counts went on from the saved state
     a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "killed")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
@@ -129,6 +140,17 @@ def test_default_recipe_without_network_fails_fast_naming_the_url(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"127.0.0.1:{port}/bert-base-uncased/resolve/main/config.json" in p.stderr  # the student, checked first
     assert "pass its directory" in p.stderr
+    assert "weeks on a CPU" in p.stderr and "--preset small" in p.stderr  # said at once, before anything else
+
+
+def test_a_long_evaluation_says_how_far_it_is(monkeypatch, capsys):
+    monkeypatch.setattr(ts, "PROGRESS_SECONDS", 0)  # a line before every batch
+    model, vocab, _ = ts.load_checkpoint("tiny")
+    _, dev = ts.cached_features(ts.DATA_DIR / "sample-dev.json", vocab, True, 128, 32, False)
+    args = ts.parse_args(["--preset", "small", "--per_device_eval_batch_size", "100"])
+    ts.predict(args, model, dev, name="eval")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval: ")]
+    assert lines[0].startswith(f"eval: 100/{len(dev['input_ids'])} windows | ") and lines[0].endswith(" left")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -138,11 +160,14 @@ def test_mixed_precision_training_path_runs(tmp_path, precision):
     assert m["f1"] >= 0 and (tmp_path / "model.safetensors").exists()
 
 
-def test_target_density_lands_within_two_points(small_run, tmp_path):
+def test_target_density_lands_within_two_points(small_run, tmp_path, capsys):
     out, _ = small_run
     run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), "--target_density", "0.4")
     masked = bp.load_masked(tmp_path)  # evaluated, saved and loaded at the threshold found for the target
-    assert masked.structure()["compact_density"] == pytest.approx(0.4, abs=0.02)
+    s = masked.structure()
+    assert s["compact_density"] == pytest.approx(0.4, abs=0.02)
+    last = [line for line in capsys.readouterr().err.splitlines() if "prune step" in line][-1]
+    assert f"compact {100 * s['compact_density']:.1f}% | heads {sum(s['heads'])}/" in last  # the model saved
     assert bp.report(bp.compact(masked), masked.model.config)["linear_density"] == pytest.approx(0.4, abs=0.02)
 
 
@@ -217,6 +242,49 @@ def test_transformers_teacher_runs_through_our_training_loop(tmp_path, shared):
                              "--finetune_epochs", "1"])
     assert 0 <= m["f1"] <= 100
     assert (tmp_path / "predictions.json").exists() and (tmp_path / "model.safetensors").exists()
+
+
+def test_pruning_steps_never_wait_for_the_device_between_logging_steps(small_run, tmp_path, monkeypatch):
+    from test_bert import host_syncs
+    get_batch = ts.get_batch
+    with host_syncs() as calls:
+        def marked(args, features, step, micro):  # marks in the list where each step's reads begin
+            calls.append(("step", step))
+            return get_batch(args, features, step, micro)
+        monkeypatch.setattr(ts, "get_batch", marked)
+        run(tmp_path, "--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--target_density", "0.5",
+            "--logging_steps", "1000", "--save_steps", "0", "--eval_steps", "0")
+    step, reads = None, {}
+    for f, line in calls:
+        if f == "step":
+            step = line
+        elif step is not None:
+            reads.setdefault(step, []).append(f)
+    last = max(s for f, s in calls if f == "step")  # the one logging step, then saving and evaluating
+    # batches() reads the windows on the host, before they go to the device: no wait
+    assert {s: r for s, r in reads.items() if s < last and set(r) != {"batches"}} == {}
+    assert "check_finite" in reads[last] and last > 10  # the counter sees the logging step's reads
+
+
+def test_compile_that_cannot_run_warns_in_one_line_and_predicts_without_it(monkeypatch, capsys):
+    import argparse
+    model = BertForQuestionAnswering(ts.BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=8)).eval()
+    ids = torch.randint(1, 20, (3, 6), generator=torch.Generator().manual_seed(0))
+    features = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    args = argparse.Namespace(device=torch.device("cpu"), precision="fp32", per_device_eval_batch_size=2)
+    want = ts.predict(args, model, features)[:2]
+
+    def no_compiler(m, **kwargs):
+        def fail(*a):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(a page of advice)")
+        return fail
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    got = ts.predict(argparse.Namespace(**vars(args), compile=True), model, features)[:2]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    err = capsys.readouterr().err
+    assert err.count("warning: --compile: torch.compile cannot run here (RuntimeError: InvalidCxxCompiler") == 1
+    assert "a page of advice" not in err
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_state(small_run, tmp_path, monkeypatch, capsys):
