@@ -13,6 +13,11 @@ The method, top to bottom:
   4. distillation from a fine-tuned teacher (Sec. 4);
   5. compaction: dead heads and FFN units are cut out, giving a smaller dense BERT whose outputs
      equal the masked model's; "filled" fine-tuning then lets the surviving heads use all weights.
+Then what is ours, not the paper's:
+  6. a target density (or speed-up) instead of a final threshold: the threshold that keeps the scheduled
+     fraction of the linear parameters (or of the FLOPs, counted per head and FFN unit), and what training
+     reports (heads alive, the scores' spread); the dead-head gate lives in MaskedBert.masks (section 2);
+and last the report, the pictures and the checkpoints of a masked model.
 
 Imports only bert.py; knows nothing of SQuAD.
 """
@@ -71,7 +76,7 @@ class PruneConfig:
                 raise ValueError("--target_speedup needs --pruning_method sigmoid")
 
 
-# ---- 1. blocks and scores --------------------------------------------------------------------
+# ---- 1. blocks and scores ------------------------------------------------------------------------
 
 def block_shape(block, name, weight_shape, head_size):
     """The (rows, cols) of one block of a weight matrix; a weight is (out_features, in_features)."""
@@ -102,7 +107,7 @@ def expand(block_mask, weight_shape):
     return block_mask[:, None, :, None].expand(r, R // r, c, C // c).reshape(R, C)
 
 
-# ---- 2. masks --------------------------------------------------------------------------------
+# ---- 2. masks ------------------------------------------------------------------------------------
 
 def binarize(scores, threshold, pruning_method="sigmoid"):
     """0/1 mask with a straight-through gradient: d mask / d scores = 1 (Sanh et al. 2020, Sec. 4).
@@ -208,38 +213,7 @@ def linear_params(config):
     return sum(4 * n * hs * h + 2 * f * h for n, f in zip(config.num_attention_heads, config.intermediate_size))
 
 
-@torch.no_grad()
-def heads_alive_at(masked, threshold):
-    """(all heads,) booleans, layer after layer: the heads that compaction would keep at this threshold."""
-    alive = []
-    for i, layer in enumerate(masked.model.layers):
-        if layer.heads:
-            m = {n: expand(binarize(masked.scores[f"layer{i}_{n}"].detach(), threshold, masked.config.pruning_method),
-                           getattr(layer, n).weight.shape) for n in ATTENTION}
-            alive.append(heads_alive(m, layer.heads))
-    return torch.cat(alive) if alive else torch.zeros(0, dtype=torch.bool)
-
-
-# ---- cost model: the FLOPs of a structure (--target_speedup, the report, bench.py) -------------------
-
-def head_and_unit_flops(config, T):
-    """(FLOPs of one attention head, of one FFN unit) for one sequence of T tokens, a FLOP being half a
-    multiply-add. A head: its rows of Q, K, V and its columns of the output projection (4 T hs h multiply-adds),
-    QK^T and attention x V (2 T^2 hs); a unit: its FFN-in row and FFN-out column (2 T h). Biases, softmax, GELU,
-    LayerNorms, embeddings and the QA head are left out (under 1 % of BERT-base's at T = 384): every FLOP counted
-    belongs to a head or a unit, so pruning can remove all of them and the predicted speed-up is the ratio."""
-    h, hs = config.hidden_size, config.attention_head_size
-    return 2 * (4 * T * hs * h + 2 * T * T * hs), 2 * 2 * T * h
-
-
-def encoder_flops(config, T):
-    """The encoder's FLOPs for one sequence of T tokens: 70.7 G for BERT-base at T = 384, 19.5 G for the
-    paper's d26 structure (3.62x fewer, against the 2.44x the paper measured on a GPU)."""
-    head, unit = head_and_unit_flops(config, T)
-    return head * sum(config.num_attention_heads) + unit * sum(config.intermediate_size)
-
-
-# ---- 3. schedule and regulariser ---------------------------------------------------------------
+# ---- 3. schedule and regulariser -----------------------------------------------------------------
 
 def ramp(step, config):
     """0 during warm-up, then 1 - (1 - p)^3 over the ramp (p: the fraction of it done), then 1: the
@@ -260,6 +234,108 @@ def lambda_schedule(step, config):
     """lambda(t) = lambda_f * tau(t) / tau_f: the regulariser grows with the threshold."""
     return config.final_lambda * ramp(step, config)
 
+
+def schedule(step, masked):
+    """(threshold, lambda) at a training step. With target_density (target_speedup) the threshold is not
+    tau_f * ramp but the one that keeps the scheduled density (FLOP fraction), whatever the scores have learnt:
+    lambda then only shapes which blocks win, never how many, and needs no tuning."""
+    c = masked.config
+    tau = threshold_schedule(step, c)
+    if c.target_density is not None or c.target_speedup is not None:
+        tau = threshold_for_density(masked, density_schedule(step, c), c.seq_len if c.target_speedup else None)
+    return tau, lambda_schedule(step, c)
+
+
+def end_of_schedule(masked, total_steps):
+    """After the last step the threshold of the schedule's end becomes the final one, in the config saved
+    with the scores, so that evaluation and compaction use it (with target_density: the threshold found
+    for the target, not tau_f)."""
+    masked.threshold = float(schedule(total_steps, masked)[0])
+    masked.config = replace(masked.config, final_threshold=masked.threshold)
+
+
+def regularization(masked):
+    """L1 of the masks' soft values: the mean of sigmoid(scores), averaged over the attention matrices
+    and over the FFN layers, weighted (1.0 attention, 0.25 FFN in the paper's hybrid setting)."""
+    attn = [torch.sigmoid(s).mean() for k, s in masked.scores.items() if not k.endswith("_ffn")]
+    ffn = [torch.sigmoid(s).mean() for k, s in masked.scores.items() if k.endswith("_ffn")]
+    c = masked.config
+    return (c.attention_lambda * torch.stack(attn).mean() + c.ffn_lambda * torch.stack(ffn).mean()) / 2
+
+
+# ---- 4. distillation -----------------------------------------------------------------------------
+
+def distillation_loss(start, end, teacher_start, teacher_end, start_positions, end_positions,
+                      temperature=2.0, alpha_distil=0.9, alpha_ce=0.1):
+    """alpha_distil * KL(teacher || student) at temperature T, times T^2 (Hinton et al. 2015), averaged
+    over start and end, plus alpha_ce * the usual start/end cross-entropy."""
+    T = temperature
+    kd = sum(F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
+             for s, t in ((start, teacher_start), (end, teacher_end))) * T ** 2 / 2
+    ce = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
+    return alpha_distil * kd + alpha_ce * ce
+
+
+def param_groups(masked, lr, scores_lr, weight_decay=0.0):
+    """AdamW groups: the model's weights at lr, the scores at their own (much larger) lr, never decayed."""
+    return [{"params": list(masked.model.parameters()), "lr": lr, "weight_decay": weight_decay},
+            {"params": list(masked.scores.parameters()), "lr": scores_lr, "weight_decay": 0.0}]
+
+
+# ---- 5. compaction and filling -------------------------------------------------------------------
+
+@torch.no_grad()
+def compact(masked, multiple=8):
+    """Bake the masks (at the final threshold) into the weights and cut out what they killed: heads
+    that no longer change the output and FFN units whose row and column are masked. The result is a
+    plain BertForQuestionAnswering with per-layer head counts and FFN widths; a layer may keep 0 heads.
+    Each FFN width is rounded up to a multiple of `multiple` with all-zero units (GELU(0) = 0: they add
+    nothing), the widths that half-precision matrix products want (tensor cores; on an H200 in bf16 d26 ran
+    1.67x dense with them, 1.22x without: README). report() counts them apart; fill() gives them noise, so
+    that the filled model trains them as units of its own.
+    Why its outputs equal the masked model's exactly: a head with no Q or K left would attend uniformly
+    and add the mean of its V, so `masks` gates it off through its V (and must do so before it masks
+    the biases, so that the V biases go too); a head with no V or no output columns adds nothing; and
+    the biases of removed rows are already zero in the masked model. An FFN unit's row and column
+    share one mask, bias included, so a dead unit adds nothing either."""
+    model, m = masked.model, masked.masks(masked.config.final_threshold, gate=True)  # the masks, built once
+    baked = {k: v * m[k] if k in m else v for k, v in model.state_dict().items()}
+    state, heads, widths = {}, [], []
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}."
+        alive = (heads_alive({n: m[p + n + ".weight"] for n in ATTENTION}, layer.heads)
+                 if layer.heads else torch.zeros(0, dtype=torch.bool))  # (heads,)
+        rows = alive.repeat_interleave(layer.head_size)  # (heads x head_size,): the Q, K, V rows kept
+        units = m[p + "ffn_in.bias"] > 0  # (ffn,)
+        heads.append(int(alive.sum()))
+        widths.append(-(-int(units.sum()) // multiple) * multiple)
+        for name in ("query", "key", "value"):
+            state[p + name + ".weight"] = baked[p + name + ".weight"][rows]
+            state[p + name + ".bias"] = baked[p + name + ".bias"][rows]
+        state[p + "attn_out.weight"] = baked[p + "attn_out.weight"][:, rows]
+        pad = widths[i] - int(units.sum())  # zero units after the live ones
+        state[p + "ffn_in.weight"] = F.pad(baked[p + "ffn_in.weight"][units], (0, 0, 0, pad))
+        state[p + "ffn_in.bias"] = F.pad(baked[p + "ffn_in.bias"][units], (0, pad))
+        state[p + "ffn_out.weight"] = F.pad(baked[p + "ffn_out.weight"][:, units], (0, pad))
+    small = BertForQuestionAnswering(replace(model.config, num_attention_heads=heads, intermediate_size=widths))
+    small.load_state_dict({**baked, **state})
+    return small
+
+
+@torch.no_grad()
+def fill(model, noise=0.01, generator=None):
+    """The "filled" stage's start: the zeros that block pruning left inside surviving heads and units
+    get small noise (noise x the matrix's std), so that fine-tuning can use every weight again."""
+    for layer in model.layers:
+        for name in ATTENTION + ("ffn_in", "ffn_out"):
+            w = getattr(layer, name).weight
+            if w.numel():
+                r = torch.randn(w.shape, generator=generator).to(w) * noise * w.std()
+                w.copy_(torch.where(w == 0, r, w))
+    return model
+
+
+# ---- 6. ours: a target density or speed-up instead of a final threshold, and what training reports ----
 
 def density_schedule(step, config):
     """With target_density: the density of linear parameters to keep at a step, from 1 down to the target.
@@ -308,23 +384,33 @@ def threshold_for_density(masked, density, seq_len=None):
     return torch.take(tau, (kept - density).abs().masked_fill(~possible, float("inf")).argmin())
 
 
-def schedule(step, masked):
-    """(threshold, lambda) at a training step. With target_density (target_speedup) the threshold is not
-    tau_f * ramp but the one that keeps the scheduled density (FLOP fraction), whatever the scores have learnt:
-    lambda then only shapes which blocks win, never how many, and needs no tuning."""
-    c = masked.config
-    tau = threshold_schedule(step, c)
-    if c.target_density is not None or c.target_speedup is not None:
-        tau = threshold_for_density(masked, density_schedule(step, c), c.seq_len if c.target_speedup else None)
-    return tau, lambda_schedule(step, c)
+def head_and_unit_flops(config, T):
+    """(FLOPs of one attention head, of one FFN unit) for one sequence of T tokens, a FLOP being half a
+    multiply-add. A head: its rows of Q, K, V and its columns of the output projection (4 T hs h multiply-adds),
+    QK^T and attention x V (2 T^2 hs); a unit: its FFN-in row and FFN-out column (2 T h). Biases, softmax, GELU,
+    LayerNorms, embeddings and the QA head are left out (under 1 % of BERT-base's at T = 384): every FLOP counted
+    belongs to a head or a unit, so pruning can remove all of them and the predicted speed-up is the ratio."""
+    h, hs = config.hidden_size, config.attention_head_size
+    return 2 * (4 * T * hs * h + 2 * T * T * hs), 2 * 2 * T * h
 
 
-def end_of_schedule(masked, total_steps):
-    """After the last step the threshold of the schedule's end becomes the final one, in the config saved
-    with the scores, so that evaluation and compaction use it (with target_density: the threshold found
-    for the target, not tau_f)."""
-    masked.threshold = float(schedule(total_steps, masked)[0])
-    masked.config = replace(masked.config, final_threshold=masked.threshold)
+def encoder_flops(config, T):
+    """The encoder's FLOPs for one sequence of T tokens: 70.7 G for BERT-base at T = 384, 19.5 G for the
+    paper's d26 structure (3.62x fewer, against the 2.44x the paper measured on a GPU)."""
+    head, unit = head_and_unit_flops(config, T)
+    return head * sum(config.num_attention_heads) + unit * sum(config.intermediate_size)
+
+
+@torch.no_grad()
+def heads_alive_at(masked, threshold):
+    """(all heads,) booleans, layer after layer: the heads that compaction would keep at this threshold."""
+    alive = []
+    for i, layer in enumerate(masked.model.layers):
+        if layer.heads:
+            m = {n: expand(binarize(masked.scores[f"layer{i}_{n}"].detach(), threshold, masked.config.pruning_method),
+                           getattr(layer, n).weight.shape) for n in ATTENTION}
+            alive.append(heads_alive(m, layer.heads))
+    return torch.cat(alive) if alive else torch.zeros(0, dtype=torch.bool)
 
 
 @torch.no_grad()
@@ -339,85 +425,7 @@ def score_stats(masked):
     return out
 
 
-def regularization(masked):
-    """L1 of the masks' soft values: the mean of sigmoid(scores), averaged over the attention matrices
-    and over the FFN layers, weighted (1.0 attention, 0.25 FFN in the paper's hybrid setting)."""
-    attn = [torch.sigmoid(s).mean() for k, s in masked.scores.items() if not k.endswith("_ffn")]
-    ffn = [torch.sigmoid(s).mean() for k, s in masked.scores.items() if k.endswith("_ffn")]
-    c = masked.config
-    return (c.attention_lambda * torch.stack(attn).mean() + c.ffn_lambda * torch.stack(ffn).mean()) / 2
-
-
-# ---- 4. distillation ---------------------------------------------------------------------------
-
-def distillation_loss(start, end, teacher_start, teacher_end, start_positions, end_positions,
-                      temperature=2.0, alpha_distil=0.9, alpha_ce=0.1):
-    """alpha_distil * KL(teacher || student) at temperature T, times T^2 (Hinton et al. 2015), averaged
-    over start and end, plus alpha_ce * the usual start/end cross-entropy."""
-    T = temperature
-    kd = sum(F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
-             for s, t in ((start, teacher_start), (end, teacher_end))) * T ** 2 / 2
-    ce = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
-    return alpha_distil * kd + alpha_ce * ce
-
-
-def param_groups(masked, lr, scores_lr, weight_decay=0.0):
-    """AdamW groups: the model's weights at lr, the scores at their own (much larger) lr, never decayed."""
-    return [{"params": list(masked.model.parameters()), "lr": lr, "weight_decay": weight_decay},
-            {"params": list(masked.scores.parameters()), "lr": scores_lr, "weight_decay": 0.0}]
-
-
-# ---- 5. compaction, filling and the report -------------------------------------------------------
-
-@torch.no_grad()
-def compact(masked, multiple=8):
-    """Bake the masks (at the final threshold) into the weights and cut out what they killed: heads
-    that no longer change the output and FFN units whose row and column are masked. The result is a
-    plain BertForQuestionAnswering with per-layer head counts and FFN widths; a layer may keep 0 heads.
-    Each FFN width is rounded up to a multiple of `multiple` with all-zero units (GELU(0) = 0: they add
-    nothing), the widths that half-precision matrix products want (tensor cores; on an H200 in bf16 d26 ran
-    1.67x dense with them, 1.22x without: README). report() counts them apart; fill() gives them noise, so
-    that the filled model trains them as units of its own.
-    Why its outputs equal the masked model's exactly: a head with no Q or K left would attend uniformly
-    and add the mean of its V, so `masks` gates it off through its V (and must do so before it masks
-    the biases, so that the V biases go too); a head with no V or no output columns adds nothing; and
-    the biases of removed rows are already zero in the masked model. An FFN unit's row and column
-    share one mask, bias included, so a dead unit adds nothing either."""
-    model, m = masked.model, masked.masks(masked.config.final_threshold, gate=True)
-    baked = {k: v * m[k] if k in m else v for k, v in model.state_dict().items()}
-    s = masked.structure(masked.config.final_threshold)
-    widths = [-(-f // multiple) * multiple for f in s["ffn"]]
-    small = BertForQuestionAnswering(replace(model.config, num_attention_heads=s["heads"], intermediate_size=widths))
-    state = {}
-    for i, layer in enumerate(model.layers):
-        p = f"layers.{i}."
-        rows = (heads_alive({n: m[p + n + ".weight"] for n in ATTENTION}, layer.heads)
-                if layer.heads else torch.zeros(0, dtype=torch.bool)).repeat_interleave(layer.head_size)
-        units = m[p + "ffn_in.bias"] > 0
-        for name in ("query", "key", "value"):
-            state[p + name + ".weight"] = baked[p + name + ".weight"][rows]
-            state[p + name + ".bias"] = baked[p + name + ".bias"][rows]
-        state[p + "attn_out.weight"] = baked[p + "attn_out.weight"][:, rows]
-        pad = widths[i] - s["ffn"][i]  # zero units after the live ones
-        state[p + "ffn_in.weight"] = F.pad(baked[p + "ffn_in.weight"][units], (0, 0, 0, pad))
-        state[p + "ffn_in.bias"] = F.pad(baked[p + "ffn_in.bias"][units], (0, pad))
-        state[p + "ffn_out.weight"] = F.pad(baked[p + "ffn_out.weight"][:, units], (0, pad))
-    small.load_state_dict({**baked, **state})
-    return small
-
-
-@torch.no_grad()
-def fill(model, noise=0.01, generator=None):
-    """The "filled" stage's start: the zeros that block pruning left inside surviving heads and units
-    get small noise (noise x the matrix's std), so that fine-tuning can use every weight again."""
-    for layer in model.layers:
-        for name in ATTENTION + ("ffn_in", "ffn_out"):
-            w = getattr(layer, name).weight
-            if w.numel():
-                r = torch.randn(w.shape, generator=generator).to(w) * noise * w.std()
-                w.copy_(torch.where(w == 0, r, w))
-    return model
-
+# ---- the report and the pictures -----------------------------------------------------------------
 
 def zero_units(layer):
     """FFN units whose row, bias and column are all zero: compact()'s padding to a multiple of 8."""
@@ -559,7 +567,7 @@ def plot_masks(masked, path):
     return True
 
 
-# ---- checkpoints of a masked model: the BERT as bert.py saves it, plus the scores -----------------
+# ---- checkpoints of a masked model: the BERT as bert.py saves it, plus the scores ----------------
 
 def save_masked(masked, out_dir, vocab_file=None, extra_files=None):
     """The BERT's checkpoint with scores.safetensors and prune_config.json, written as one unit."""
