@@ -36,7 +36,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     path = Path(args.model_name_or_path)
     load_checkpoint = ts.load_checkpoint
-    ts.load_checkpoint = lambda name: (TransformersQA(path), path / "vocab.txt", True)
+    ts.load_checkpoint = lambda name, dense=None: (TransformersQA(path), path / "vocab.txt", True)
     try:
         return ts.stage_finetune(args, str(path), Path(args.output_dir))
     finally:

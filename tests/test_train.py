@@ -449,8 +449,8 @@ def test_cached_teacher_logits_give_the_live_teachers_losses_scores_and_f1(small
 
 
 def test_unreadable_teacher_logit_cache_is_computed_again(small_run, tmp_path, monkeypatch, capsys):
+    args = ts.parse_args(["--preset", "small"])  # the sample files in data/
     monkeypatch.setattr(ts, "DATA_DIR", tmp_path)  # the caches go to tmp_path/cache
-    args = ts.parse_args(["--preset", "small"])
     teacher = str(small_run[0] / "teacher")
     vocab = ts.load_checkpoint(teacher)[1]
     first = ts.features_for(args, vocab, True, "train")[1]
