@@ -51,7 +51,7 @@ class PruneConfig:
     seq_len: int = 384  # the sequence length at which target_speedup counts FLOPs (--max_seq_length)
     # A head whose Q or K is all pruned gets its V masked too: "eval" only when not training (as the reference,
     # where such a head attends uniformly while training, its scores keep learning and it can come back; it
-    # kept 0.3 to 0.7 more F1 in the README's study), "always" in training too (no task gradient reaches the
+    # kept 0.3 to 0.7 more F1 in docs/study.md), "always" in training too (no task gradient reaches the
     # head, which cannot come back). Evaluation, compaction and the saved model always gate.
     gate_dead_heads: str = "eval"
 
@@ -291,7 +291,7 @@ def compact(masked, multiple=8):
     plain BertForQuestionAnswering with per-layer head counts and FFN widths; a layer may keep 0 heads.
     Each FFN width is rounded up to a multiple of `multiple` with all-zero units (GELU(0) = 0: they add
     nothing), the widths that half-precision matrix products want (tensor cores; on an H200 in bf16 d26 ran
-    1.67x dense with them, 1.22x without: README). report() counts them apart; fill() gives them noise, so
+    1.67x dense with them, 1.22x without: docs/speed.md). report() counts them apart; fill() gives them noise, so
     that the filled model trains them as units of its own.
     Why its outputs equal the masked model's exactly: a head with no Q or K left would attend uniformly
     and add the mean of its V, so `masks` gates it off through its V (and must do so before it masks

@@ -1,5 +1,5 @@
 """
-The README's two study plots, from the results.json of runs made by `train_squad.py --stage all`:
+The study's two plots (docs/study.md), from the results.json of runs made by `train_squad.py --stage all`:
 
     python docs/plot_study.py runs/minilm/d50 runs/minilm/d25 runs/minilm-long ...   # -> docs/*.png
 

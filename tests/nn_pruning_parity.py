@@ -11,7 +11,7 @@ when they differ.
     python tests/nn_pruning_parity.py
 
 It needs nn_pruning 0.1.2 and the transformers 4.x it was written for, in an environment of its own
-(README.md, "Verified against", gives the commands). Neither is a dependency of this project.
+(docs/parity.md gives the commands). Neither is a dependency of this project.
 Two settings of the reference are set to ours, because they are known differences, not bugs:
 linear_min_parameters = 0 (the reference always keeps 0.5 % of each matrix's blocks; we can prune a matrix to
 nothing) and no dead-head gate on our side (--gate_dead_heads eval: the reference never gates in training).
