@@ -321,7 +321,7 @@ def once(args, d, fn, *inputs):
     elif state.exists():
         raise ValueError(f"{state}: the training state of a stopped run: --resume continues it; move it away (or give "
                          "another --output_dir) to start afresh")
-    else:  # a crash before the new metrics.json is written must not let --resume skip the stage on the old one
+    elif stage != "eval":  # a crash before the new metrics.json must not let --resume skip the stage on the old one
         metrics.unlink(missing_ok=True)
     result = fn(argparse.Namespace(**vars(args), settings=settings), *inputs, d)
     barrier()  # under torchrun: the first process has written d before the others read it
