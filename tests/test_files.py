@@ -1,7 +1,6 @@
 """Nothing written is lost, nothing is silently wrong: checkpoints as units, outputs checked before any work,
 --resume that checks what it resumes. A tiny random BERT on the hand-made sample, a few steps each."""
 import hashlib
-import json
 import os
 from pathlib import Path
 
