@@ -44,11 +44,11 @@ from bert import DATA_DIR, BertConfig, BertForQuestionAnswering, atomic_write, d
 
 # ---- the training loop -----------------------------------------------------------------------------
 
-def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teacher=None, prune=None, dev=None):
+def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teacher=None, prune=None):
     """One training stage: fine-tuning (no teacher), distillation (the teacher's logits in `features`, or
     a teacher model) or pruning (and a PruneConfig, its schedule already in steps). Returns the model,
-    or the MaskedBert when pruning. dev = (examples, features) is scored every --eval_steps. Resuming,
-    torchrun and stop signals live in small helpers at the end of this file."""
+    or the MaskedBert when pruning. Resuming, torchrun and stop signals live in small helpers at the end of
+    this file."""
     total, accum = total_steps(args, features, epochs), args.gradient_accumulation_steps
     net = bp.MaskedBert(model, prune) if prune else model
     net.to(args.device).train()
@@ -92,12 +92,6 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
             if args.save_steps and step % args.save_steps == 0:
                 check_finite(progress)
                 state.save(step)
-            if dev and args.eval_steps and step % args.eval_steps == 0 and step < total and not get_rank():
-                check_finite(progress)
-                m = squad_evaluate(dev[0], postprocess(dev[0], dev[1], *predict(args, net, dev[1])[:2],
-                                                       args.n_best_size, args.max_answer_length))
-                log(f"{stage} step {step}: dev EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
-                net.train()
             if all_stopping(stop, args.device):  # SIGTERM or Ctrl-C: keep this step's state, then leave
                 check_finite(progress)
                 state.save(step)
@@ -164,7 +158,7 @@ def stage_finetune(args, model_path, out):
     dev = features_for(args, vocab, lowercase, "dev")
     steps = total_steps(args, features, args.finetune_epochs)
     model = train(args, "finetune", model, features, args.finetune_epochs, args.learning_rate,
-                  round(args.warmup_ratio * steps), out, dev=dev)
+                  round(args.warmup_ratio * steps), out)
     return finish(args, model, out, vocab, lowercase, dev, "finetune", steps)
 
 
@@ -218,7 +212,7 @@ def stage_prune(args, model_path, teacher_path, out):
     dev = features_for(args, vocab, lowercase, "dev")
     prune = prune_config(args, features)
     masked = train(args, "prune", model, features, args.num_train_epochs, args.learning_rate, prune.warmup_steps, out,
-                   teacher, prune, dev)
+                   teacher, prune)
     return finish(args, masked, out, vocab, lowercase, dev, "prune (masked)",
                   total_steps(args, features, args.num_train_epochs))
 
@@ -254,7 +248,7 @@ def stage_fill(args, compact_path, teacher_path, out):
     teacher = teacher_logits(args, teacher_path, vocab, features)
     bp.fill(model, noise=0.01, generator=torch.Generator().manual_seed(args.seed))
     dev = features_for(args, vocab, lowercase, "dev")
-    model = train(args, "fill", model, features, args.fill_epochs, args.learning_rate, 10, out, teacher, dev=dev)
+    model = train(args, "fill", model, features, args.fill_epochs, args.learning_rate, 10, out, teacher)
     return finish(args, model, out, vocab, lowercase, dev, "fill", total_steps(args, features, args.fill_epochs))
 
 
@@ -330,7 +324,7 @@ def once(args, d, fn, *inputs):
 
 def stage_settings(args, stage):
     """What a stage's result depends on: --resume refuses to continue or skip a stage run with other values. Every
-    other flag may change on resume (--save_steps, --logging_steps, --eval_steps, --device,
+    other flag may change on resume (--save_steps, --logging_steps, --device,
     --per_device_eval_batch_size, --no_teacher_cache, --speed_windows, --compile)."""
     names = ["model_name_or_path", "dev_file", "max_seq_length", "doc_stride", "n_best_size", "max_answer_length",
              "precision"]
@@ -888,7 +882,6 @@ def parse_args(argv=None):
     a("--seed", type=checked(int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)"), default=17)
     a("--logging_steps", type=POSITIVE, default=100)
     a("--save_steps", type=COUNT, default=1000, help="training state every N steps (0: only at the end of a stage)")
-    a("--eval_steps", type=COUNT, default=0, help="evaluate on the dev set every N steps (0: at the end only)")
     args, _ = p.parse_known_args(argv)
     p.set_defaults(**presets()[args.preset])
     args = p.parse_args(argv)

@@ -253,7 +253,7 @@ def test_pruning_steps_never_wait_for_the_device_between_logging_steps(small_run
             return get_batch(args, features, step, micro)
         monkeypatch.setattr(ts, "get_batch", marked)
         run(tmp_path, "--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--target_density", "0.5",
-            "--logging_steps", "1000", "--save_steps", "0", "--eval_steps", "0")
+            "--logging_steps", "1000", "--save_steps", "0")
     step, reads = None, {}
     for f, line in calls:
         if f == "step":
