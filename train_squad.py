@@ -308,7 +308,10 @@ def once(args, d, fn, *inputs):
     if args.resume and state.exists():
         same_settings(state, read_state(state, mmap=True).get("settings"), settings)
     elif args.resume and metrics.exists():
-        done = json.loads(metrics.read_text())
+        try:
+            done = json.loads(metrics.read_text(encoding="utf-8"))
+        except ValueError as e:  # cut off by hand, not UTF-8: name the file
+            raise ValueError(f"{metrics}: not a metrics file ({e}); run without --resume to redo the stage") from None
         same_settings(metrics, done.get("settings"), settings)
         log(f"{d}: done already, skipped")
         return done
@@ -1125,8 +1128,7 @@ class TrainingState:
                 part.load_state_dict(state[k])
             rng, cuda_rng = state["rng"], state["cuda_rng"]
         except Exception as e:  # another stage's or model's: torch raises many kinds, some pages long
-            raise ValueError(f"{self.path}: not a training state of this stage and model ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}); move it away to start the stage afresh") from None
+            raise not_a_state(self.path, e) from None
         if world_size() > 1 and len(state.get("rng_per_process", [])) == world_size():
             rng, cuda_rng = state["rng_per_process"][get_rank()]
         torch.set_rng_state(rng.cpu())  # map_location put them on the GPU; generators take CPU tensors
@@ -1151,12 +1153,16 @@ def read_state(path, **kw):
     """A training state, or one line naming it when it is cut off or not one (mmap=True: read only what is used)."""
     try:
         state = torch.load(path, weights_only=False, **kw)
-        assert isinstance(state, dict)
+        assert isinstance(state, dict), "not a dict"
         return state
     except Exception as e:  # cut off, foreign: torch raises many kinds, some pages long
-        raise ValueError(f"{path}: not a training state of this stage and model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else 'not a dict'}); move it away to start the "
-                         "stage afresh") from None
+        raise not_a_state(path, e) from None
+
+
+def not_a_state(path, e):
+    """The one-line error for a training state that cannot serve (the first line of torch's message)."""
+    return ValueError(f"{path}: not a training state of this stage and model ({type(e).__name__}: "
+                      f"{(str(e).splitlines() or [''])[0][:200]}); move it away to start the stage afresh")
 
 
 def save_torch(path, obj):

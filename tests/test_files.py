@@ -201,3 +201,9 @@ def test_minilm_preset_without_the_shared_folder_downloads_its_files(tmp_path, m
                                          tmp_path / "out" / "vocab.txt", True, "train")
     every = ts.load_squad(tmp_path / "data" / "squad" / "train-v1.1.json")
     assert examples == every[:100] and features["example_index"].max() == 99  # the file's first 100, in order
+
+
+def test_a_broken_metrics_file_on_resume_is_named_in_one_line(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"f1": ')
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'metrics.json'}: not a metrics file \("):
+        run(tmp_path, "--stage", "finetune", "--resume")
