@@ -251,8 +251,9 @@ def peak_memory(device, dtype, B, T, variant):
 def bench_dev_evaluation(device, dtype, dev_file, vocab, windows, reps):
     """Features to predictions over the dev windows, padded batches of 128 as the paper measured; the
     model's forward time (train_squad.predict) and the wall time of the whole evaluation."""
+    import squad
     import train_squad as ts
-    examples, features = ts.cached_features(dev_file, vocab, True, 384, 128, False)
+    examples, features = squad.cached_features(dev_file, vocab, True, 384, 128, False)
     if windows:
         features = {k: v[:windows] for k, v in features.items()}
         examples = examples[:int(features["example_index"].max()) + 1]
@@ -263,7 +264,7 @@ def bench_dev_evaluation(device, dtype, dev_file, vocab, windows, reps):
         for name, model in models.items():
             t = time.perf_counter()
             start, end, seconds = ts.predict(args, model, features, trim=False)
-            ts.postprocess(examples, features, start, end)
+            squad.postprocess(examples, features, start, end)
             forward[name].append(seconds)
             wall[name].append(time.perf_counter() - t)
     fwd, wall = {k: min(v) for k, v in forward.items()}, {k: min(v) for k, v in wall.items()}
@@ -280,6 +281,7 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
     windows in batches of 128, the models taking turns after a warm-up, the fastest of 3 rounds; random
     weights. For runs trained elsewhere (on a GPU, or beside other runs): the speed-up on this machine's CPU,
     written into each results.json as speedup_cpu."""
+    import squad
     import train_squad as ts
     cpu = torch.device("cpu")
     paths = sorted(p for d in run_dirs for p in Path(d).glob("**/results.json"))
@@ -299,7 +301,7 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
         sys.exit(f"error: --study: the runs differ in --max_seq_length or --doc_stride ({sorted(windowing)}): "
                  "time them apart")
     (T, stride), = windowing
-    _, dev = ts.cached_features(dev_file, vocab, True, T, stride, False)
+    _, dev = squad.cached_features(dev_file, vocab, True, T, stride, False)
     dev = {k: v[:windows] for k, v in dev.items()}
     args = argparse.Namespace(device=cpu, precision="fp32", per_device_eval_batch_size=128)
     seconds = {name: [] for name in models}

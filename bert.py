@@ -10,6 +10,7 @@ This file imports nothing else from the project.
 """
 import hashlib
 import http.client
+import io
 import json
 import os
 import shutil
@@ -398,6 +399,42 @@ def atomic_write(path, data):
         raise OSError(f"{path}: cannot write it ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_leftovers(d):
+    """Delete the temporary files (.NAME.tmpPID) that atomic_write left in d when its process was killed; a live
+    process's are its own."""
+    for tmp in Path(d).glob(".*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)  # raises if no such process; PermissionError: alive, someone else's
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except PermissionError:
+                pass
+
+
+def save_torch(path, obj):
+    """torch.save into a file written atomically."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buf.getvalue())
+
+
+def load_cache(path, what, fits=lambda obj: True):
+    """A cache file's contents; None (with a line saying why) when it is missing, unreadable or does not fit."""
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, weights_only=True)
+        if fits(obj):
+            return obj
+        log(f"{path}: cached {what} that do not fit these windows; computing them again")
+    except Exception as e:  # a truncated or foreign file: torch raises several kinds
+        log(f"{path}: unreadable cache ({e!r}); computing the {what} again")
+    return None
 
 
 def write_files(d, files, remove=()):

@@ -1,46 +1,37 @@
 """
-SQuAD v1.1 with block movement pruning: data, training (dense / prune / fill), evaluation, report.
+Block movement pruning on SQuAD v1.1: training (dense / prune / fill), the stages of the paper's recipe,
+evaluation. The pruning method itself is all in blockprune.py, the model in bert.py, the data in squad.py.
 
     python train_squad.py                   # the paper's recipe on bert-base-uncased (needs the network, a GPU)
     python train_squad.py --preset small    # the whole pipeline offline on CPU in about a minute
-    python train_squad.py --score PREDICTIONS.json --dev_file dev-v1.1.json   # the official metric
 
 Top to bottom:
 - train: the training loop shared by fine-tuning, pruning (with distillation) and filling; qa_loss.
 - the stages: finetune, prune (with the teacher's logits cached), compact, fill, eval, all (the paper's
-  recipe end to end, one or several targets) and prune_config, where the schedule is set in steps.
-- predict / evaluate: logits for every window, then answers and the official EM/F1.
-- load_checkpoint; the SQuAD data: squad_file / load_squad (find or download a file, one dict per question),
-  load_tokenizer / featurize / cached_features (WordPiece and the windowing of transformers' run_qa.py,
-  cached on disk), postprocess (window logits -> one answer per question) and the official v1.1 metric.
+  recipe end to end), once (what --resume skips or continues) and prune_config, where the schedule is set in steps.
+- predict / evaluate: logits for every window, then answers and the official EM/F1; load_checkpoint.
 - the command line (presets, flags), then the plumbing of the loop (batches, progress, resume, torchrun,
-  stop signals), which a first read can skip. The pruning method itself is all in blockprune.py.
+  stop signals), which a first read can skip.
 """
 import argparse
 import contextlib
 import datetime
 import hashlib
-import io
 import json
 import os
-import re
 import signal
-import string
 import sys
 import time
-from collections import Counter
-from itertools import chain
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 import bert
 import blockprune as bp
-from bert import DATA_DIR, BertConfig, BertForQuestionAnswering, atomic_write, download, log
+from bert import DATA_DIR, BertConfig, BertForQuestionAnswering, atomic_write, load_cache, log, save_torch
+from squad import cached_features, postprocess, squad_evaluate, squad_file
 
 # ---- the training loop -----------------------------------------------------------------------------
 
@@ -490,292 +481,6 @@ def load_checkpoint(name, dense=None):
     return model, vocab, lowercase
 
 
-# ---- the SQuAD v1.1 files ------------------------------------------------------------------------
-
-SQUAD_URLS = {
-    "train": ("https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",
-              "981b29407e0affa3b1b156f72073b945"),
-    "dev": ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552"),
-}
-
-
-def squad_file(path_or_split):
-    """An existing file as it is; "train" / "dev" from DATA_DIR/squad, downloaded once (md5-checked).
-    SQUAD_URL_BASE replaces the download site (a mirror, or a local server in the tests)."""
-    if Path(path_or_split).is_file():
-        return Path(path_or_split)
-    if path_or_split not in SQUAD_URLS:
-        raise FileNotFoundError(f"{path_or_split}: no such SQuAD file (give a path, 'train' or 'dev')")
-    url, md5 = SQUAD_URLS[path_or_split]
-    name = url.rsplit("/", 1)[1]
-    if base := os.environ.get("SQUAD_URL_BASE"):
-        url = f"{base.rstrip('/')}/{name}"
-    path = DATA_DIR / "squad" / name
-    if not path.exists():
-        download(url, path, md5)
-    return path
-
-
-def load_squad(path, max_questions=None):
-    """One dict per question (the file's first max_questions only, when given): id, title, question, context,
-    answers (the spans whose text really is context[answer_start:answer_start + len(text)]: training labels
-    come from answers[0]) and
-    gold_texts (every gold answer text as the file gives it: what the official metric scores against,
-    so dropping a bad span never changes a score). A question whose spans are all bad keeps an empty
-    answers list: it is still evaluated, but featurize(train=True) leaves it out rather than teach the
-    model a wrong span or a [CLS] "no answer" that SQuAD v1.1 does not have."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    if isinstance(data, dict) and data.get("version", "1.1") != "1.1":
-        log(f"{path}: version {data['version']!r}, expected SQuAD v1.1 (every question must have an answer)")
-    examples, bad, where_id = [], [], {}
-    where = "the top level"
-    try:
-        for i, article in enumerate(data["data"]):
-            where = f"data[{i}]"
-            title = article.get("title", "")  # unused by the metric: optional
-            for j, para in enumerate(article["paragraphs"]):
-                where = f"data[{i}].paragraphs[{j}]"
-                context = para["context"]
-                for k, qa in enumerate(para["qas"]):
-                    where = f"data[{i}].paragraphs[{j}].qas[{k}]"
-                    if not all(isinstance(x, str) for x in (qa["id"], qa["question"], context)):
-                        raise TypeError("id, question and context must be strings")  # else they fail far from here
-                    if qa["id"] in where_id:  # predictions are keyed by id: one answer would be scored twice
-                        raise ValueError(f"id {qa['id']!r} again (first at {where_id[qa['id']]}): ids must be unique")
-                    if qa.get("is_impossible") or not qa["answers"]:  # SQuAD v2.0's unanswerable questions
-                        raise ValueError("no answers: every SQuAD v1.1 question has one (a v2.0 file?)")
-                    where_id[qa["id"]] = where
-                    gold = [(a["text"], a["answer_start"]) for a in qa["answers"]]
-                    if not all(isinstance(t, str) and type(s) is int for t, s in gold):
-                        raise TypeError("an answer's text must be a string and its answer_start an integer")
-                    ok = [{"text": t, "answer_start": s} for t, s in gold if s >= 0 and context[s:s + len(t)] == t]
-                    if len(ok) < len(gold):
-                        bad.append(qa["id"])
-                    examples.append({"id": qa["id"], "title": title, "question": qa["question"],
-                                     "context": context, "answers": ok, "gold_texts": [t for t, _ in gold]})
-    except KeyError as e:
-        raise ValueError(f"{path}: {where}: missing {e}") from None
-    except (TypeError, AttributeError, ValueError) as e:
-        raise ValueError(f"{path}: {where}: not SQuAD v1.1 ({e})") from None
-    if not examples:  # else it trains on nothing, or scores 0, without a word about the file
-        raise ValueError(f"{path}: no questions in it (expected SQuAD v1.1: data[].paragraphs[].qas[])")
-    if max_questions:
-        if max_questions > len(examples):
-            raise ValueError(f"--max_train_questions {max_questions}: {path} has only {len(examples)} questions")
-        examples = examples[:max_questions]
-    if bad:
-        log(f"{path}: {len(bad)} questions have answer texts that do not match their context at "
-            f"answer_start (those spans are not used for training), e.g. {', '.join(bad[:5])}")
-    return examples
-
-
-# ---- tokenizer and features --------------------------------------------------------------------
-
-def load_tokenizer(vocab_file, lowercase=True):
-    """BERT's WordPiece tokenizer as transformers' BertTokenizerFast builds it from vocab.txt."""
-    vocab = WordPiece.read_file(str(vocab_file))  # raises if the file cannot be read
-    missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in vocab]
-    if missing:
-        raise ValueError(f"{vocab_file}: not a BERT vocab, {missing} missing")
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    # strip_accents follows lowercase, as in BERT uncased (strip_accents=None in BertTokenizer)
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=lowercase, lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tok.decoder = decoders.WordPiece()
-    # as in transformers: "[SEP]" written in a text is the special token, not "[", "sep", "]"
-    tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
-    return tok
-
-
-def featurize(examples, tokenizer, max_seq_length=384, doc_stride=128, train=False):
-    """Windows over the contexts as transformers' run_qa.py makes them: question (leading white space
-    stripped) then context, only the context truncated, doc_stride tokens shared by consecutive
-    windows, every window padded to max_seq_length. offsets: the character span of each context
-    token in its context, -1 elsewhere (question, specials, padding), for postprocess.
-    train=True adds start/end_positions from the first valid answer: [CLS] (0) for a window that does
-    not hold the whole answer; questions with no valid answer are left out (see load_squad)."""
-    if train:
-        keep = [i for i, ex in enumerate(examples) if ex["answers"]]
-        if len(keep) < len(examples):
-            log(f"featurize: {len(examples) - len(keep)} questions without a valid answer left out of training")
-    else:
-        keep = range(len(examples))
-    tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation and padding are our settings only
-    tok.no_truncation()
-    tok.no_padding()
-    questions = [examples[i]["question"].lstrip() for i in keep]
-    # a question that leaves no more than doc_stride tokens for the context makes the tokenizers
-    # library panic: refuse it here with a message that says why
-    room = max_seq_length - 3 - doc_stride  # [CLS] question [SEP] context [SEP]
-    for i, enc in zip(keep, tok.encode_batch(questions, add_special_tokens=False)):
-        if len(enc.ids) >= room:
-            raise ValueError(f"question {examples[i]['id']} has {len(enc.ids)} tokens: max_seq_length "
-                             f"{max_seq_length} with doc_stride {doc_stride} allows fewer than {room}")
-    tok.enable_truncation(max_seq_length, stride=doc_stride, strategy="only_second")
-    tok.enable_padding(length=max_seq_length, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
-    encodings = tok.encode_batch([(q, examples[i]["context"]) for q, i in zip(questions, keep)])
-    windows, example_index = [], []
-    for i, enc in zip(keep, encodings):
-        windows += [enc] + enc.overflowing  # the first window, then the rest in order
-        example_index += [i] * (1 + len(enc.overflowing))
-    N, L = len(windows), max_seq_length
-    f = {k: _int64([getattr(w, a) for w in windows], N, L)
-         for k, a in (("input_ids", "ids"), ("token_type_ids", "type_ids"), ("attention_mask", "attention_mask"))}
-    f["example_index"] = torch.tensor(example_index, dtype=torch.int64)
-    special = _int64([w.special_tokens_mask for w in windows], N, L).bool()
-    context = (f["token_type_ids"] == 1) & ~special  # the second sequence minus its final [SEP]
-    offsets = _int64([chain.from_iterable(w.offsets) for w in windows], N, L, 2)
-    f["offsets"] = offsets.masked_fill(~context[..., None], -1)
-    if train:
-        # first answer's character span; the window holds it if its first context token starts at or
-        # before start_char and its last one ends at or after end_char (run_qa.py's test). Offsets grow
-        # along the context, so counting tokens finds the start token (the last one starting at or
-        # before start_char) and the end token (the first one ending at or after end_char). This is
-        # run_qa.py's labelling, except where its start loop steps past the context onto [SEP] (an
-        # answer starting in the window's last context token): we stay on that last context token.
-        ans = [examples[i]["answers"][0] for i in example_index]
-        start_char = torch.tensor([a["answer_start"] for a in ans])[:, None]
-        end_char = start_char + torch.tensor([len(a["text"]) for a in ans])[:, None]
-        first = context.int().argmax(1)
-        last = first + context.sum(1) - 1
-        rows = torch.arange(N)
-        inside = (offsets[rows, first, 0] <= start_char[:, 0]) & (offsets[rows, last, 1] >= end_char[:, 0])
-        start = first + (context & (offsets[..., 0] <= start_char)).sum(1) - 1
-        end = last - (context & (offsets[..., 1] >= end_char)).sum(1) + 1
-        f["start_positions"] = torch.where(inside, start, 0)
-        f["end_positions"] = torch.where(inside, end, 0)
-    return f
-
-
-def _int64(rows, *shape):
-    """Equal-length rows of ints -> an int64 tensor; np.fromiter is several times faster than
-    np.array or torch.tensor on millions of Python ints."""
-    flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(np.prod(shape)))
-    return torch.from_numpy(flat).view(*shape)
-
-
-FEATURES_VERSION = 1  # bump when featurize changes what it returns: old cache files are then ignored
-
-
-def cached_features(examples_path, vocab_file, lowercase, max_seq_length, doc_stride, train, cache_dir=None,
-                    max_questions=None):
-    """(load_squad(examples_path, max_questions), featurize(...)), the features kept in cache_dir (DATA_DIR/cache
-    by default) under a hash of everything that changes them."""
-    examples_path = squad_file(examples_path)
-    examples = load_squad(examples_path, max_questions)
-    if train and not any(ex["answers"] for ex in examples):
-        raise ValueError(f"{examples_path}: no question has an answer that matches its context: nothing to train on")
-    h = hashlib.sha256()
-    for part in (examples_path.read_bytes(), Path(vocab_file).read_bytes(),
-                 repr((lowercase, max_seq_length, doc_stride, train, FEATURES_VERSION, max_questions)).encode()):
-        h.update(hashlib.sha256(part).digest())
-    path = Path(cache_dir or DATA_DIR / "cache") / f"squad-features-{h.hexdigest()[:24]}.pt"
-    features = load_cache(path, "features")
-    if features is None:
-        features = featurize(examples, load_tokenizer(vocab_file, lowercase), max_seq_length, doc_stride, train)
-        save_torch(path, features)
-    return examples, features
-
-
-# ---- answers -------------------------------------------------------------------------------------
-
-def postprocess(examples, features, start_logits, end_logits, n_best=20, max_answer_length=30):
-    """{question id: answer text}: in each window the n_best start and n_best end tokens, every pair
-    that lies in the context with start <= end and at most max_answer_length tokens, scored
-    start + end logit; the best pair over all windows of a question (docs/paper.md, as run_qa.py)."""
-    start_logits, end_logits = start_logits.float().cpu(), end_logits.float().cpu()
-    offsets = features["offsets"].cpu()
-    k = min(n_best, start_logits.shape[1])
-    s_val, s_idx = start_logits.topk(k, dim=1)  # [N, k]
-    e_val, e_idx = end_logits.topk(k, dim=1)
-    score = s_val[:, :, None] + e_val[:, None, :]  # [N, k, k]: every start with every end
-    length = e_idx[:, None, :] - s_idx[:, :, None] + 1
-    is_context = offsets[:, :, 0] >= 0
-    in_context = is_context.gather(1, s_idx)[:, :, None] & is_context.gather(1, e_idx)[:, None, :]
-    score = score.masked_fill(~in_context | (length < 1) | (length > max_answer_length), float("-inf"))
-    best, flat = score.flatten(1).max(1)  # best pair of each window
-    s_best, e_best = s_idx.gather(1, flat[:, None] // k)[:, 0], e_idx.gather(1, flat[:, None] % k)[:, 0]
-    rows = torch.arange(len(best))
-    start_char, end_char = offsets[rows, s_best, 0].tolist(), offsets[rows, e_best, 1].tolist()
-    predictions, best_score = {ex["id"]: "" for ex in examples}, {}  # "" when no pair is valid
-    for w, (i, b) in enumerate(zip(features["example_index"].tolist(), best.tolist())):
-        qid = examples[i]["id"]
-        if b > best_score.get(qid, float("-inf")):  # strictly: the first window wins a tie
-            best_score[qid] = b
-            predictions[qid] = examples[i]["context"][start_char[w]:end_char[w]]
-    return predictions
-
-
-# ---- the official SQuAD v1.1 metric (evaluate-v1.1.py, Rajpurkar et al. 2016) ---------------------
-
-_PUNCTUATION = set(string.punctuation)  # ASCII only, as the official script: "“" and "–" stay
-
-
-def normalize_answer(s):
-    """Lower case, drop punctuation, drop the articles a/an/the, collapse white space (in that order)."""
-    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
-
-
-def f1_score(prediction, ground_truth):
-    pred, gold = normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
-    same = sum((Counter(pred) & Counter(gold)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(gold)
-    return 2 * precision * recall / (precision + recall)
-
-
-def exact_match(prediction, ground_truth):
-    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
-
-
-def squad_evaluate(examples, predictions):
-    """EM and F1 x100, each the max over all gold answer texts (gold_texts: unfiltered, as the official
-    script scores), averaged over every question; a question with no prediction scores 0."""
-    em = f1 = 0.0
-    missing = [ex["id"] for ex in examples if ex["id"] not in predictions]
-    if missing:
-        log(f"{len(missing)} unanswered questions will receive score 0, e.g. {', '.join(missing[:5])}")
-    for ex in examples:
-        if ex["id"] in predictions:
-            p = predictions[ex["id"]]
-            em += max((exact_match(p, g) for g in ex["gold_texts"]), default=0.0)
-            f1 += max((f1_score(p, g) for g in ex["gold_texts"]), default=0.0)
-    n = max(len(examples), 1)
-    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}
-
-
-def score_main(predictions_path, dev_file):
-    """As the official evaluate-v1.1.py: score a {question id: answer} JSON file, print one JSON line."""
-    path = Path(predictions_path)
-    try:
-        predictions = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise OSError(f"--score {path}: {e.strerror or e}") from None
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise ValueError(f"--score {path}: not a JSON file ({e})") from None
-    # anything else would score 0 without a word (a list) or fail deep in the metric (an answer that is no text)
-    bad = [k for k, a in predictions.items() if not isinstance(a, str)] if isinstance(predictions, dict) else None
-    if bad is None or bad:
-        got = (f"a JSON {type(predictions).__name__}" if bad is None else
-               f"{len(bad)} answers that are not text, e.g. for {bad[0]!r}")
-        raise ValueError(f"--score {path}: expected a JSON object {{question id: answer text}}, got {got}")
-    result = squad_evaluate(load_squad(squad_file(dev_file)), predictions)
-    print(json.dumps(result))
-    return result
-
-
 # ---- command line ----------------------------------------------------------------------------------
 
 def presets():
@@ -832,7 +537,6 @@ def parse_args(argv=None):
     a("--preset", choices=["paper", "small", "minilm"], default="paper",
       help="a set of defaults: the paper's recipe, 'small' (offline, minutes on CPU) or 'minilm' (the study)")
     a("--stage", choices=["finetune", "prune", "compact", "fill", "eval", "all"], default="all")
-    a("--score", metavar="PREDICTIONS.json", help="only score a predictions file against --dev_file, print JSON")
     a("--model_name_or_path", default="bert-base-uncased",
       help="pretrained checkpoint (finetune, prune, all), pruned one (compact), compacted one (fill), any (eval)")
     a("--teacher", default="csarron/bert-base-uncased-squad-v1", help="fine-tuned QA model to distil from; "
@@ -909,8 +613,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.score:
-        return score_main(args.score, args.dev_file)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: one process per GPU (or CPU process, gloo)
         if args.device.type == "cuda" and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
             raise ValueError(f"torchrun: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine but "
@@ -951,10 +653,7 @@ def check_outputs(args, out):
             probe.unlink()
         except OSError as e:  # no permission, a read-only disk: say which flag, not a bare [Errno 13]
             raise OSError(f"{what} {d}: cannot write there ({e.strerror or e})") from None
-        for leftover in d.glob(".*.tmp*"):  # atomic_write's temporary file, left by a process that was killed
-            pid = leftover.name.rsplit(".tmp", 1)[1]
-            if pid.isdigit() and not process_alive(int(pid)):
-                leftover.unlink()
+        bert.remove_leftovers(d)  # atomic_write's temporary files, left by a process that was killed
     if args.stage != "eval":  # a stage that wrote over its own input would lose it
         for name in ("model_name_or_path", "teacher"):
             given = Path(getattr(args, name))
@@ -962,16 +661,6 @@ def check_outputs(args, out):
             if given.is_dir() and any(given.resolve() == d.resolve() for d in subdirs[1:] or [out]):
                 raise ValueError(f"--output_dir {out}: the stage would write over --{name} {given}: give another "
                                  "--output_dir")
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def cli(argv=None):
@@ -1163,28 +852,6 @@ def not_a_state(path, e):
     """The one-line error for a training state that cannot serve (the first line of torch's message)."""
     return ValueError(f"{path}: not a training state of this stage and model ({type(e).__name__}: "
                       f"{(str(e).splitlines() or [''])[0][:200]}); move it away to start the stage afresh")
-
-
-def save_torch(path, obj):
-    """torch.save into a file written atomically (bert.atomic_write)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buf.getvalue())
-
-
-def load_cache(path, what, fits=lambda obj: True):
-    """A cache file's contents; None (with a line saying why) when it is missing, unreadable or does not fit."""
-    if not path.exists():
-        return None
-    try:
-        obj = torch.load(path, weights_only=True)
-        if fits(obj):
-            return obj
-        log(f"{path}: cached {what} that do not fit these windows; computing them again")
-    except Exception as e:  # a truncated or foreign file: torch raises several kinds
-        log(f"{path}: unreadable cache ({e!r}); computing the {what} again")
-    return None
 
 
 def ddp(net):

@@ -317,13 +317,14 @@ def test_offline_hub_name_names_the_url_and_the_way_out(tmp_path, monkeypatch):
 def test_training_steps_match_transformers_from_the_same_qa_head(shared):
     # the teacher-parity question (does our BERT train as well as transformers'?) without seed noise: the
     # same start (QA head copied), dropout off, the same real SQuAD windows, 5 AdamW steps: the same losses
+    import squad
     import train_squad as ts
     path = shared / "models/paraphrase-MiniLM-L3-v2"
     ours = BertForQuestionAnswering.from_pretrained(path).eval()  # eval: no dropout, both still learn
     hf = transformers.BertForQuestionAnswering.from_pretrained(path, attn_implementation="sdpa").eval()
     hf.qa_outputs.load_state_dict(ours.qa_outputs.state_dict())
-    examples = ts.load_squad(shared / "squad/train-v1.1-head4370.json")[:40]
-    f = ts.featurize(examples, ts.load_tokenizer(path / "vocab.txt"), 128, 32, train=True)
+    examples = squad.load_squad(shared / "squad/train-v1.1-head4370.json")[:40]
+    f = squad.featurize(examples, squad.load_tokenizer(path / "vocab.txt"), 128, 32, train=True)
     losses = {}
     for name, model, call in (("ours", ours, lambda *x: ours(*x)),
                               ("hf", hf, lambda i, m, t: tuple(hf(input_ids=i, attention_mask=m, token_type_ids=t)
@@ -370,3 +371,19 @@ def test_transformers_4_checkpoint_with_pruned_heads_loads_as_the_heads_it_kept(
     ours = BertForQuestionAnswering.from_pretrained(tmp_path).eval()
     assert ours.config.num_attention_heads == [2, 3] and ours.config.attention_head_size == 12
     assert_same_logits(ours, hf, 99)
+
+
+def test_imports_run_one_way():
+    # bert.py imports nothing of ours; blockprune.py and squad.py only bert.py (the method knows nothing of SQuAD)
+    import ast
+    ours = {"bert", "blockprune", "squad", "train_squad", "bench"}
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(name):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return names & ours
+    assert imports("bert") == set()
+    assert imports("blockprune") == imports("squad") == {"bert"}
+    assert imports("train_squad") == {"bert", "blockprune", "squad"}

@@ -9,6 +9,7 @@ import torch
 
 import bert
 import blockprune as bp
+import squad
 import train_squad as ts
 from bert import BertForQuestionAnswering
 
@@ -176,16 +177,16 @@ def test_minilm_preset_without_the_shared_folder_downloads_its_files(tmp_path, m
     model.save_pretrained(tmp_path / "hub-model", vocab)
     hub = {f"/sentence-transformers/all-MiniLM-L6-v2/resolve/main/{f}": (tmp_path / "hub-model" / f).read_bytes()
            for f in ("config.json", "vocab.txt", "model.safetensors")}
-    squad = {"/train-v1.1.json": (ts.DATA_DIR / "sample-train.json").read_bytes(),
+    files = {"/train-v1.1.json": (ts.DATA_DIR / "sample-train.json").read_bytes(),
              "/dev-v1.1.json": (ts.DATA_DIR / "sample-dev.json").read_bytes()}
-    base = http_server({**hub, **squad})
+    base = http_server({**hub, **files})
     for split, name in (("train", "/train-v1.1.json"), ("dev", "/dev-v1.1.json")):
-        monkeypatch.setitem(ts.SQUAD_URLS, split, (f"https://example.invalid{name}",
-                                                   hashlib.md5(squad[name]).hexdigest()))
+        monkeypatch.setitem(squad.SQUAD_URLS, split, (f"https://example.invalid{name}",
+                                                   hashlib.md5(files[name]).hexdigest()))
     monkeypatch.setenv("BLOCKPRUNE_SHARED", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_ENDPOINT", base)
     monkeypatch.setenv("SQUAD_URL_BASE", base)
-    for module in (ts, bert):
+    for module in (ts, squad, bert):
         monkeypatch.setattr(module, "DATA_DIR", tmp_path / "data")
     args = ts.parse_args(["--preset", "minilm"])
     assert (args.model_name_or_path, args.train_file, args.dev_file, args.max_train_questions) == (
@@ -195,11 +196,11 @@ def test_minilm_preset_without_the_shared_folder_downloads_its_files(tmp_path, m
     m = ts.main(["--preset", "minilm", "--stage", "finetune", "--output_dir", str(tmp_path / "out"),
                  "--max_train_questions", "100", "--max_seq_length", "128", "--doc_stride", "32",
                  "--finetune_epochs", "0.5"])
-    assert sorted(set(http_server.requests)) == sorted([*hub, *squad]) and m["f1"] >= 0
+    assert sorted(set(http_server.requests)) == sorted([*hub, *files]) and m["f1"] >= 0
     examples, features = ts.features_for(ts.parse_args(["--preset", "minilm", "--max_train_questions", "100",
                                                         "--max_seq_length", "128", "--doc_stride", "32"]),
                                          tmp_path / "out" / "vocab.txt", True, "train")
-    every = ts.load_squad(tmp_path / "data" / "squad" / "train-v1.1.json")
+    every = squad.load_squad(tmp_path / "data" / "squad" / "train-v1.1.json")
     assert examples == every[:100] and features["example_index"].max() == 99  # the file's first 100, in order
 
 

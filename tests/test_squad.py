@@ -1,4 +1,4 @@
-"""train_squad.py's data section: files, features, answers and the official metric."""
+"""squad.py: files, features, answers and the official metric."""
 import hashlib
 import json
 import socket
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_squad as ts
+import squad
 
 ROOT = Path(__file__).resolve().parents[1]
 LEADERBOARD = {"bert-ensemble-google": (86.206, 92.196), "logistic-regression-baseline": (40.142, 50.982)}
@@ -23,22 +23,22 @@ def vocab(shared):
 
 @pytest.fixture(scope="module")
 def tokenizer(vocab):
-    return ts.load_tokenizer(vocab)
+    return squad.load_tokenizer(vocab)
 
 
 @pytest.fixture(scope="module")
 def dev(shared):
-    return ts.load_squad(shared / "squad/dev-v1.1.json")
+    return squad.load_squad(shared / "squad/dev-v1.1.json")
 
 
 @pytest.fixture(scope="module")
 def head(shared):
-    return ts.load_squad(shared / "squad/train-v1.1-head4370.json")
+    return squad.load_squad(shared / "squad/train-v1.1-head4370.json")
 
 
 @pytest.fixture(scope="module")
 def head_features(head, tokenizer):
-    return ts.featurize(head, tokenizer, 384, 128, train=True)
+    return squad.featurize(head, tokenizer, 384, 128, train=True)
 
 
 def squad_json(paragraphs, title="T"):
@@ -53,15 +53,14 @@ def squad_json(paragraphs, title="T"):
 @pytest.mark.parametrize("name", LEADERBOARD)
 def test_leaderboard_predictions_score_as_published(name, shared, dev):
     predictions = json.loads((shared / f"squad/leaderboard/{name}.dev.predictions.json").read_text())
-    r = ts.squad_evaluate(dev, predictions)
+    r = squad.squad_evaluate(dev, predictions)
     assert (round(r["exact_match"], 3), round(r["f1"], 3)) == LEADERBOARD[name]
 
 
 @pytest.mark.parametrize("name", LEADERBOARD)
 def test_score_command_prints_one_json_line(name, shared):
-    out = subprocess.run([sys.executable, str(ROOT / "train_squad.py"),
-                          "--score", str(shared / f"squad/leaderboard/{name}.dev.predictions.json"),
-                          "--dev_file", str(shared / "squad/dev-v1.1.json")],
+    out = subprocess.run([sys.executable, str(ROOT / "squad.py"), str(shared / "squad/dev-v1.1.json"),
+                          str(shared / f"squad/leaderboard/{name}.dev.predictions.json")],
                          capture_output=True, text=True, check=True).stdout
     r = json.loads(out.strip())
     assert (round(r["exact_match"], 3), round(r["f1"], 3)) == LEADERBOARD[name]
@@ -75,23 +74,23 @@ def test_score_command_prints_one_json_line(name, shared):
 def test_score_refuses_predictions_that_are_not_an_id_to_answer_object(tmp_path, body, message):
     (tmp_path / "p.json").write_text(body)
     with pytest.raises(SystemExit) as e:
-        ts.cli(["--score", str(tmp_path / "p.json"), "--dev_file", str(ts.DATA_DIR / "sample-dev.json")])
-    assert str(e.value).startswith(f"error: --score {tmp_path / 'p.json'}: ") and "\n" not in str(e.value)
+        squad.main([str(squad.DATA_DIR / "sample-dev.json"), str(tmp_path / "p.json")])
+    assert str(e.value).startswith(f"error: {tmp_path / 'p.json'}: ") and "\n" not in str(e.value)
     assert message in str(e.value)
 
 
 def test_metric_normalizes_like_the_official_script():
-    assert ts.normalize_answer("  The  Cat's, an apple!  ") == "cats apple"
-    assert ts.normalize_answer("theatre") == "theatre"  # articles only as whole words
-    assert ts.exact_match("the Eiffel Tower.", "Eiffel tower") == 1.0
-    assert ts.f1_score("x b c", "b c d") == pytest.approx(2 / 3)
-    assert ts.f1_score("a b c", "b c d") == pytest.approx(0.8)  # "a" is dropped: precision 1, recall 2/3
-    assert ts.f1_score("the", "a") == 0.0  # both normalize to nothing
+    assert squad.normalize_answer("  The  Cat's, an apple!  ") == "cats apple"
+    assert squad.normalize_answer("theatre") == "theatre"  # articles only as whole words
+    assert squad.exact_match("the Eiffel Tower.", "Eiffel tower") == 1.0
+    assert squad.f1_score("x b c", "b c d") == pytest.approx(2 / 3)
+    assert squad.f1_score("a b c", "b c d") == pytest.approx(0.8)  # "a" is dropped: precision 1, recall 2/3
+    assert squad.f1_score("the", "a") == 0.0  # both normalize to nothing
 
 
 def test_unanswered_questions_score_zero_and_are_counted(capsys):
     examples = [{"id": "q1", "gold_texts": ["x"]}, {"id": "q2", "gold_texts": ["y"]}]
-    assert ts.squad_evaluate(examples, {"q1": "x"}) == {"exact_match": 50.0, "f1": 50.0}
+    assert squad.squad_evaluate(examples, {"q1": "x"}) == {"exact_match": 50.0, "f1": 50.0}
     assert "1 unanswered questions will receive score 0" in capsys.readouterr().err
 
 
@@ -101,7 +100,7 @@ def test_malformed_json_names_file_and_position(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('{"data": [\n  {"title": "x",, }\n]}')
     with pytest.raises(ValueError, match=r"bad\.json: not valid JSON \(line 2, column 17"):
-        ts.load_squad(p)
+        squad.load_squad(p)
 
 
 def test_missing_key_names_where(tmp_path):
@@ -110,7 +109,7 @@ def test_missing_key_names_where(tmp_path):
     p = tmp_path / "missing.json"
     p.write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"missing\.json: data\[0\]\.paragraphs\[1\]\.qas\[0\]: missing 'question'"):
-        ts.load_squad(p)
+        squad.load_squad(p)
 
 
 @pytest.mark.parametrize("body, message", [
@@ -121,7 +120,7 @@ def test_missing_key_names_where(tmp_path):
 def test_squad_file_with_nothing_to_train_on_is_refused_naming_it(tmp_path, body, message):
     (tmp_path / "s.json").write_text(json.dumps(body))
     with pytest.raises(ValueError) as e:
-        ts.cached_features(tmp_path / "s.json", ts.DATA_DIR / "sample-vocab.txt", True, 64, 16, True, tmp_path)
+        squad.cached_features(tmp_path / "s.json", squad.DATA_DIR / "sample-vocab.txt", True, 64, 16, True, tmp_path)
     assert str(e.value).startswith(f"{tmp_path / 's.json'}: ") and message in str(e.value)
 
 
@@ -135,19 +134,19 @@ def test_squad_file_with_nothing_to_train_on_is_refused_naming_it(tmp_path, body
 def test_squad_file_that_is_not_v1_1_in_a_subtle_way_is_refused_naming_where(tmp_path, body, message):
     (tmp_path / "s.json").write_text(json.dumps(body))
     with pytest.raises(ValueError) as e:
-        ts.load_squad(tmp_path / "s.json")
+        squad.load_squad(tmp_path / "s.json")
     assert str(e.value).startswith(f"{tmp_path / 's.json'}: ") and message in str(e.value)
 
 
 def test_shipped_samples_have_unique_ids():
     for name in ("sample-train.json", "sample-dev.json"):
-        ids = [q["id"] for q in ts.load_squad(ts.DATA_DIR / name)]  # load_squad refuses a repeated id
+        ids = [q["id"] for q in squad.load_squad(squad.DATA_DIR / name)]  # load_squad refuses a repeated id
         assert len(ids) == len(set(ids)) > 200
 
 
 def test_a_negative_answer_start_is_not_a_training_label(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(squad_json([("ab ctx", [("a", "q?", [("ctx", -3)])])])))
-    assert ts.load_squad(tmp_path / "s.json")[0]["answers"] == []
+    assert squad.load_squad(tmp_path / "s.json")[0]["answers"] == []
 
 
 def test_mismatched_answers_dropped_for_training_kept_for_scoring(tmp_path, capsys, tokenizer):
@@ -157,16 +156,16 @@ def test_mismatched_answers_dropped_for_training_kept_for_scoring(tmp_path, caps
                            ("none", "What?", [("Berlin", 0)])])])
     p = tmp_path / "mismatch.json"
     p.write_text(json.dumps(d))
-    ex = ts.load_squad(p)
+    ex = squad.load_squad(p)
     err = capsys.readouterr().err
     assert "2 questions" in err and "half, none" in err
     assert [e["answers"] for e in ex] == [[{"text": "Paris", "answer_start": 0}],
                                           [{"text": "France", "answer_start": 24}], []]
     assert ex[1]["gold_texts"] == ["Frence", "France"]  # the metric still sees every gold text
-    assert ts.squad_evaluate(ex, {"good": "Paris", "half": "Frence", "none": "Berlin"})["exact_match"] == 100.0
-    f = ts.featurize(ex, tokenizer, train=True)
+    assert squad.squad_evaluate(ex, {"good": "Paris", "half": "Frence", "none": "Berlin"})["exact_match"] == 100.0
+    f = squad.featurize(ex, tokenizer, train=True)
     assert f["example_index"].tolist() == [0, 1]  # no training label for "none"
-    assert ts.featurize(ex, tokenizer)["example_index"].tolist() == [0, 1, 2]
+    assert squad.featurize(ex, tokenizer)["example_index"].tolist() == [0, 1, 2]
 
 
 # ---- tokenizer and features ---------------------------------------------------------------------
@@ -175,7 +174,7 @@ def test_vocab_without_special_tokens_is_refused(tmp_path):
     p = tmp_path / "vocab.txt"
     p.write_text("[PAD]\n[UNK]\nhello\n")
     with pytest.raises(ValueError, match=r"vocab\.txt: not a BERT vocab, \['\[CLS\]', '\[SEP\]'\] missing"):
-        ts.load_tokenizer(p)
+        squad.load_tokenizer(p)
 
 
 def run_qa_features(hf, examples, max_len, stride):
@@ -216,7 +215,7 @@ def test_features_match_transformers_run_qa(max_len, stride, shared, head, token
     assert hf("hello world")["input_ids"] == [101, 7592, 2088, 102]  # docs/paper.md: check the oracle itself
     examples = head[::3]  # ~1,460 questions spread over all 12 articles
     enc, starts, ends = run_qa_features(hf, examples, max_len, stride)
-    f = ts.featurize(examples, tokenizer, max_len, stride, train=True)
+    f = squad.featurize(examples, tokenizer, max_len, stride, train=True)
     assert len(f["input_ids"]) > len(examples)  # overflowing windows are part of the test
     for k in ("input_ids", "token_type_ids", "attention_mask"):
         assert f[k].tolist() == enc[k], k
@@ -239,17 +238,17 @@ def test_features_match_transformers_run_qa(max_len, stride, shared, head, token
 def test_question_too_long_for_the_stride_is_refused(tokenizer):
     ex = [{"id": "long", "question": "why " * 21, "context": "because " * 50, "answers": []}]
     with pytest.raises(ValueError, match="question long has 21 tokens: max_seq_length 48 with doc_stride 24"):
-        ts.featurize(ex, tokenizer, 48, 24)
-    assert len(ts.featurize(ex, tokenizer, 48, 16)["input_ids"]) > 1
+        squad.featurize(ex, tokenizer, 48, 24)
+    assert len(squad.featurize(ex, tokenizer, 48, 16)["input_ids"]) > 1
 
 
 def test_featurize_leaves_callers_tokenizer_alone(tokenizer, head):
-    ts.featurize(head[:3], tokenizer, 128, 32)
+    squad.featurize(head[:3], tokenizer, 128, 32)
     assert tokenizer.truncation is None and tokenizer.padding is None
 
 
 def test_window_counts_match_method(dev, head_features, tokenizer):
-    assert len(ts.featurize(dev, tokenizer, 384, 128)["input_ids"]) == 10_784
+    assert len(squad.featurize(dev, tokenizer, 384, 128)["input_ids"]) == 10_784
     assert len(head_features["input_ids"]) == 4_457
 
 
@@ -261,7 +260,7 @@ def test_perfect_logits_give_back_the_labelled_spans(head, head_features):
     start = torch.nn.functional.one_hot(f["start_positions"], L).float()
     end = torch.nn.functional.one_hot(f["end_positions"], L).float()
     t = time.perf_counter()
-    pred = ts.postprocess(head, f, start, end)
+    pred = squad.postprocess(head, f, start, end)
     assert time.perf_counter() - t < 5
     # every question with a labelled span of at most 30 tokens gets exactly that span's text back
     expected = {}
@@ -272,7 +271,7 @@ def test_perfect_logits_give_back_the_labelled_spans(head, head_features):
     assert len(expected) > 0.99 * len(head)
     assert {q: pred[q] for q in expected} == expected
     # spans are whole WordPiece tokens ("sixth" for "six"), so EM stops a little short of 100
-    assert ts.squad_evaluate(head, pred)["exact_match"] > 99.0
+    assert squad.squad_evaluate(head, pred)["exact_match"] > 99.0
 
 
 def answer(start, end, n_windows=1, **kw):
@@ -287,7 +286,7 @@ def answer(start, end, n_windows=1, **kw):
         for (w, tok), v in values.items():
             logits[w, tok] = v
     features = {"offsets": offsets, "example_index": torch.zeros(n_windows, dtype=torch.int64)}
-    return ts.postprocess([{"id": "q", "context": context}], features, s, e, **kw)["q"]
+    return squad.postprocess([{"id": "q", "context": context}], features, s, e, **kw)["q"]
 
 
 def test_postprocess_respects_context_order_length_and_n_best():
@@ -317,19 +316,19 @@ def small_squad(tmp_path, shared):
 def test_cache_second_call_hits_and_rebuilds_when_corrupt(small_squad, vocab, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     args = (small_squad, vocab, True, 384, 128, True)
-    ex, f = ts.cached_features(*args, cache_dir=cache)
+    ex, f = squad.cached_features(*args, cache_dir=cache)
     files = list(cache.iterdir())
     assert len(files) == 1 and len(f["input_ids"]) > len(ex) > 100
     with monkeypatch.context() as m:
-        m.setattr(ts, "featurize", lambda *a, **kw: pytest.fail("the cache was not used"))
-        ex2, f2 = ts.cached_features(*args, cache_dir=cache)
+        m.setattr(squad, "featurize", lambda *a, **kw: pytest.fail("the cache was not used"))
+        ex2, f2 = squad.cached_features(*args, cache_dir=cache)
     assert ex2 == ex and f2.keys() == f.keys() and all(torch.equal(f[k], f2[k]) for k in f)
     files[0].write_bytes(files[0].read_bytes()[:1000])  # a cut-off file
-    _, f3 = ts.cached_features(*args, cache_dir=cache)
+    _, f3 = squad.cached_features(*args, cache_dir=cache)
     assert all(torch.equal(f[k], f3[k]) for k in f)
-    _, f4 = ts.cached_features(*args, cache_dir=cache)  # rebuilt file is good again
+    _, f4 = squad.cached_features(*args, cache_dir=cache)  # rebuilt file is good again
     assert all(torch.equal(f[k], f4[k]) for k in f)
-    ts.cached_features(small_squad, vocab, True, 384, 64, True, cache_dir=cache)
+    squad.cached_features(small_squad, vocab, True, 384, 64, True, cache_dir=cache)
     assert len(list(cache.iterdir())) == 2  # another doc_stride, another key
 
 
@@ -340,25 +339,25 @@ SMALL = json.dumps(squad_json([("Paris is the capital of France.", [("q1", "Capi
 
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(ts, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(squad, "DATA_DIR", tmp_path)
     return tmp_path
 
 
 def test_squad_file_downloads_once_with_md5(http_server, data_dir, monkeypatch):
-    monkeypatch.setitem(ts.SQUAD_URLS, "dev",
+    monkeypatch.setitem(squad.SQUAD_URLS, "dev",
                         ("https://example.invalid/dev-v1.1.json", hashlib.md5(SMALL).hexdigest()))
     monkeypatch.setenv("SQUAD_URL_BASE", http_server({"/dev-v1.1.json": SMALL}))
-    path = ts.squad_file("dev")
+    path = squad.squad_file("dev")
     assert path == data_dir / "squad/dev-v1.1.json" and path.read_bytes() == SMALL
-    assert ts.squad_file("dev") == path and http_server.requests == ["/dev-v1.1.json"]  # not fetched again
-    assert ts.load_squad(path)[0]["id"] == "q1"
+    assert squad.squad_file("dev") == path and http_server.requests == ["/dev-v1.1.json"]  # not fetched again
+    assert squad.load_squad(path)[0]["id"] == "q1"
 
 
 def test_squad_download_with_wrong_md5_leaves_nothing(http_server, data_dir, monkeypatch):
-    monkeypatch.setitem(ts.SQUAD_URLS, "dev", ("https://example.invalid/dev-v1.1.json", "0" * 32))
+    monkeypatch.setitem(squad.SQUAD_URLS, "dev", ("https://example.invalid/dev-v1.1.json", "0" * 32))
     monkeypatch.setenv("SQUAD_URL_BASE", http_server({"/dev-v1.1.json": SMALL}))
     with pytest.raises(OSError, match="md5"):
-        ts.squad_file("dev")
+        squad.squad_file("dev")
     assert list((data_dir / "squad").iterdir()) == []
 
 
@@ -372,7 +371,7 @@ def test_squad_download_cut_off_leaves_nothing(http_server, data_dir, monkeypatc
 
     monkeypatch.setenv("SQUAD_URL_BASE", http_server({"/dev-v1.1.json": cut_off}))
     with pytest.raises(OSError, match="dev-v1.1.json"):
-        ts.squad_file("dev")
+        squad.squad_file("dev")
     assert list((data_dir / "squad").iterdir()) == []
 
 
@@ -382,9 +381,9 @@ def test_squad_download_without_server_names_url(data_dir, monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("SQUAD_URL_BASE", f"http://127.0.0.1:{port}")
     with pytest.raises(OSError, match=f"http://127.0.0.1:{port}/train-v1.1.json"):
-        ts.squad_file("train")
+        squad.squad_file("train")
 
 
 def test_squad_file_unknown_name_is_not_found(data_dir):
     with pytest.raises(FileNotFoundError, match="nosuch.json"):
-        ts.squad_file("nosuch.json")
+        squad.squad_file("nosuch.json")

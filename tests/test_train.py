@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import blockprune as bp
+import squad
 import train_squad as ts
 from bert import BertForQuestionAnswering
 
@@ -31,7 +32,7 @@ def test_small_preset_runs_finetune_prune_compact_fill_eval(small_run):
     for stage in ("teacher", "pruned", "filled"):
         metrics = json.loads((out / stage / "metrics.json").read_text())
         predictions = json.loads((out / stage / "predictions.json").read_text())
-        assert metrics["f1"] == results[stage]["f1"] and set(predictions) == {q["id"] for q in ts.load_squad(
+        assert metrics["f1"] == results[stage]["f1"] and set(predictions) == {q["id"] for q in squad.load_squad(
             ts.DATA_DIR / "sample-dev.json")}
     assert results["teacher"]["f1"] > 15  # a tiny BERT from scratch learns the sample: well above chance
     assert results["filled"]["f1"] > 10
@@ -146,7 +147,7 @@ def test_default_recipe_without_network_fails_fast_naming_the_url(tmp_path):
 def test_a_long_evaluation_says_how_far_it_is(monkeypatch, capsys):
     monkeypatch.setattr(ts, "PROGRESS_SECONDS", 0)  # a line before every batch
     model, vocab, _ = ts.load_checkpoint("tiny")
-    _, dev = ts.cached_features(ts.DATA_DIR / "sample-dev.json", vocab, True, 128, 32, False)
+    _, dev = squad.cached_features(ts.DATA_DIR / "sample-dev.json", vocab, True, 128, 32, False)
     args = ts.parse_args(["--preset", "small", "--per_device_eval_batch_size", "100"])
     ts.predict(args, model, dev, name="eval")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval: ")]
@@ -384,7 +385,7 @@ def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tm
     for (k, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         if a.dim() == 2:
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=k)
-    _, dev = ts.cached_features(ts.DATA_DIR / "sample-dev.json", vocab, True, 128, 32, False)
+    _, dev = squad.cached_features(ts.DATA_DIR / "sample-dev.json", vocab, True, 128, 32, False)
     x = [dev[k][:32] for k in ("input_ids", "attention_mask", "token_type_ids")]
     with torch.no_grad():
         for a, b in zip(one(*x), two(*x)):  # logits up to a shift of the whole row, which softmax ignores
