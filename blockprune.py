@@ -425,6 +425,17 @@ def score_stats(masked):
     return out
 
 
+def pruning_state(masked, step, died=0, revived=0):
+    """What a training log line says of the pruning after `step` steps: threshold, lambda, densities, heads alive
+    (and how many died or came back, counted by the caller), and the scores' spread (score_stats)."""
+    s, (attn, ffn) = masked.structure(), score_stats(masked)
+    return (f"threshold {masked.threshold:.4f} lambda {lambda_schedule(step - 1, masked.config):.3g}"
+            f" | density attn {100 * s['attention_density']:.1f}% ffn {100 * s['ffn_density']:.1f}%"
+            f" compact {100 * s['compact_density']:.1f}% | heads {sum(s['heads'])}/"
+            f"{sum(masked.model.config.num_attention_heads)} (died {died}, came back {revived})"
+            f" | scores attn {attn[0]:+.3f}±{attn[1]:.3f} ffn {ffn[0]:+.3f}±{ffn[1]:.3f}")
+
+
 # ---- the report and the pictures -----------------------------------------------------------------
 
 def zero_units(layer):

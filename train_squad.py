@@ -782,13 +782,7 @@ class Progress:
         self.t0, self.seen = time.time(), 0
         line = f"{self.stage} step {step}/{self.total} | loss {loss.item():.4f} | lr {lr:.2e}"
         if self.masked is not None:
-            net, s = self.masked, self.masked.structure()
-            attn, ffn = bp.score_stats(net)
-            line += (f" | threshold {net.threshold:.4f} lambda {bp.lambda_schedule(step - 1, net.config):.3g}"
-                     f" | density attn {100 * s['attention_density']:.1f}% ffn {100 * s['ffn_density']:.1f}%"
-                     f" compact {100 * s['compact_density']:.1f}% | heads {sum(s['heads'])}/"
-                     f"{sum(net.model.config.num_attention_heads)} (died {self.died}, came back {self.revived})"
-                     f" | scores attn {attn[0]:+.3f}±{attn[1]:.3f} ffn {ffn[0]:+.3f}±{ffn[1]:.3f}")
+            line += f" | {bp.pruning_state(self.masked, step, self.died, self.revived)}"
         left = (self.total - step) * self.batch / rate
         log(f"{line} | {rate:.1f} ex/s | {hms(left)} left")
 
