@@ -15,6 +15,7 @@ Top to bottom:
 """
 import argparse
 import contextlib
+import copy
 import datetime
 import hashlib
 import json
@@ -180,7 +181,8 @@ def teacher_logits(args, teacher_path, vocab, features):
     if args.no_teacher_cache:
         return teacher
     windows = [features[k] for k in ("input_ids", "attention_mask", "token_type_ids")]
-    h = hashlib.sha256(repr((args.precision, type(teacher).__name__, windows[0].shape)).encode())
+    # ("cast": predict runs a half-precision teacher cast, since logits made under autocast differ in the last bits)
+    h = hashlib.sha256(repr((args.precision, "cast", type(teacher).__name__, windows[0].shape)).encode())
     for t in [*teacher.state_dict().values(), *windows]:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     path = DATA_DIR / "cache" / f"teacher-logits-{h.hexdigest()[:24]}.pt"
@@ -373,8 +375,14 @@ def predict(args, model, features, trim=True, name=None):
     trim=False runs full padded batches in file order, the paper's way of timing the dev evaluation.
     With a name, a long pass (the dev set, the teacher over the train set) says how far it is every 30 s.
     --compile runs torch.compile's kernels (its compilation counted in the first batch's seconds); where it
-    cannot run (no C compiler, an unsupported GPU) a one-line warning, and the model runs as it is."""
+    cannot run (no C compiler, an unsupported GPU) a one-line warning, and the model runs as it is.
+    In bf16 / fp16 a BERT runs as a copy cast to that dtype, LayerNorms and the residual stream included: under
+    autocast every LayerNorm runs in fp32 with casts around it (docs/speed.md: 3.09x for d26 over dense cast, 2.72x
+    under autocast, CPU). A MaskedBert stays under autocast: its scores must meet the threshold in fp32."""
     model.to(args.device).eval()
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    if half and isinstance(model, BertForQuestionAnswering):
+        model = copy.deepcopy(model).to(half)
     forward = torch.compile(model, dynamic=True) if getattr(args, "compile", False) else model
     N, L, B = *features["input_ids"].shape, args.per_device_eval_batch_size
     order = features["attention_mask"].sum(1).argsort() if trim else torch.arange(N)
@@ -388,7 +396,7 @@ def predict(args, model, features, trim=True, name=None):
         ids, mask, types = batches(features, idx, args.device, trim=trim)
         sync(args.device)
         t = time.perf_counter()
-        with autocast(args):
+        with autocast(args) if next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext():
             try:
                 s, e = forward(ids, mask, types)
             except Exception as err:  # torch.compile compiles at the first call, and fails there

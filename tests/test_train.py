@@ -288,6 +288,27 @@ def test_compile_that_cannot_run_warns_in_one_line_and_predicts_without_it(monke
     assert "a page of advice" not in err
 
 
+def test_half_precision_evaluation_runs_a_cast_copy_close_to_fp32(monkeypatch):
+    import argparse
+    model = BertForQuestionAnswering(ts.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=128)).eval()
+    torch.nn.init.normal_(model.qa_outputs.weight, std=1.0)  # logits of order 1, not 0.02
+    ids = torch.randint(1, 50, (6, 24), generator=torch.Generator().manual_seed(0))
+    features = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    features["attention_mask"][0, 20:] = 0  # one window with padding: the mask path too
+    args = argparse.Namespace(device=torch.device("cpu"), precision="fp32", per_device_eval_batch_size=4)
+    want = ts.predict(args, model, features)[0]
+    layer_norm, dtypes = torch.nn.functional.layer_norm, set()
+    monkeypatch.setattr(torch.nn.functional, "layer_norm",
+                        lambda x, *a, **k: dtypes.add(x.dtype) or layer_norm(x, *a, **k))
+    got = ts.predict(argparse.Namespace(**{**vars(args), "precision": "bf16"}), model, features)[0]
+    assert dtypes == {torch.bfloat16}  # LayerNorms in bf16 too: no fp32 round trips as under autocast
+    assert next(model.parameters()).dtype == torch.float32  # the model given is left in fp32
+    seen = want > float("-inf")
+    diff = (got - want)[seen].abs().max().item()
+    assert 0 < diff < 0.05 * want[seen].abs().max().item()  # it ran in bf16 (not fp32), close to fp32
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_state(small_run, tmp_path, monkeypatch, capsys):
     regularization, calls = bp.regularization, []
 
