@@ -146,6 +146,48 @@ def bench_inference(device, dtype, B, T, reps, warmup, cast=False):
     return row
 
 
+# What each op or kernel is, from its name (aten ops on CPU, CUDA kernels on GPU); the first match wins
+KINDS = (("attention", ("attention", "flash", "fmha", "softmax", "bmm")),  # bmm: only attention's products use it
+         ("matmul", ("addmm", "gemm", "xmma", "cutlass", "aten::mm", "matmul")),  # the Linears
+         ("layernorm", ("layer_norm", "layernorm")),
+         ("casts and copies", ("copy", "cast", "to_copy", "clone", "contiguous")))
+
+
+def breakdown(device, dtype, B, T, cast=True):
+    """Where one forward's time goes, dense and d26: {model: {kind: ms}} from torch.profiler, the self time of each
+    aten op on CPU, of each kernel on GPU, in the kinds of KINDS ("elementwise and other": GELU, adds,
+    embeddings...). The model cast to dtype (cast), else under autocast."""
+    from torch.profiler import ProfilerActivity, profile
+    x, out = inputs(B, T, device), {}
+    for name, config in (("dense", BASE), ("d26", D26_FFN8)):
+        model = build(config, device)
+        model = model.to(DTYPES[dtype]) if cast else model
+        with torch.no_grad(), torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32" and not cast):
+            model(*x), sync(device)  # warm-up
+            gpu = device.type == "cuda"
+            with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+                model(*x), sync(device)
+        ms = dict.fromkeys([k for k, _ in KINDS] + ["elementwise and other"], 0.0)
+        for e in prof.key_averages():
+            if gpu != ("cuda" in str(e.device_type).lower()):  # CPU ops on CPU, kernels on GPU
+                continue
+            kind = next((k for k, keys in KINDS if any(w in e.key.lower() for w in keys)), "elementwise and other")
+            ms[kind] += (e.self_device_time_total if gpu else e.self_cpu_time_total) / 1000
+        out[name] = ms
+    return {"what": "forward breakdown", "device": device.type, "dtype": dtype + (" cast" if cast else ""),
+            "batch": B, "seq": T, "ms": out}
+
+
+def show_breakdown(row):
+    total = {m: sum(v.values()) for m, v in row["ms"].items()}
+    lines = [f"where a forward's time goes: {row['device']} {row['dtype']}, batch {row['batch']}, length {row['seq']}"
+             f" (torch.profiler; dense {total['dense']:.0f} ms, d26 {total['d26']:.0f} ms: "
+             f"{total['dense'] / total['d26']:.2f}x)"]
+    lines += [f"  {k:<22} dense {row['ms']['dense'][k]:8.1f} ms {100 * row['ms']['dense'][k] / total['dense']:5.1f} % |"
+              f" d26 {row['ms']['d26'][k]:8.1f} ms {100 * row['ms']['d26'][k] / total['d26']:5.1f} % | "
+              f"{row['ms']['dense'][k] / max(1e-9, row['ms']['d26'][k]):5.2f}x" for k in row["ms"]["dense"]]
+    print("\n".join(lines), flush=True)
+
 # ---- 3: a training step ---------------------------------------------------------------------------
 
 STEPS = ("ours dense", "transformers dense", "ours d26", "transformers d26", "ours prune", "ours prune + teacher")
@@ -414,6 +456,9 @@ def main(argv=None):
             fp32, bf16 = rows[-2]["seconds"]["ours dense"], rows[-1]["seconds"]["ours dense"]
             rows[-1]["bf16 over fp32, dense step"] = fp32 / bf16
             print(f"  training step, bf16 over fp32 (dense): {rows[-1]['bf16 over fp32, dense step']:.2f}x")
+        for dtype, cast in precisions[::2]:  # fp32, and bf16 cast where the CPU has it
+            rows.append(breakdown(cpu, dtype, 1 if args.quick else 8, T, cast))
+            show_breakdown(rows[-1])
     if "cuda" in devices:  # fp32 as the paper timed it (TF32 off: PyTorch's default), then half precision
         gpu = torch.device("cuda")
         for dtype, cast in (("fp32", False), ("bf16", False), ("bf16", True), ("fp16", False)):
@@ -421,6 +466,9 @@ def main(argv=None):
             show(rows[-1])
         rows.append(bench_training(gpu, "bf16", 16, T, reps, warmup))
         show(rows[-1])
+        for dtype in ("fp32", "bf16"):
+            rows.append(breakdown(gpu, dtype, 128, T))
+            show_breakdown(rows[-1])
     vocab = Path(args.vocab)
     if Path(args.dev_file).exists() and vocab.exists():
         for device in map(torch.device, devices):

@@ -66,3 +66,10 @@ def test_pruning_step_runs_what_training_runs():
     masked = step.progress.masked
     assert torch.is_tensor(masked.threshold) and 0 < masked.threshold < 1
     assert step.progress.alive is not None and step.progress.bad_step == 0
+
+
+def test_breakdown_puts_every_op_of_a_forward_in_one_kind():
+    row = bench.breakdown(torch.device("cpu"), "fp32", 1, 8)
+    kinds = [k for k, _ in bench.KINDS] + ["elementwise and other"]
+    assert list(row["ms"]) == ["dense", "d26"] and all(list(ms) == kinds for ms in row["ms"].values())
+    assert all(ms["matmul"] > 0 and ms["attention"] > 0 and ms["layernorm"] > 0 for ms in row["ms"].values())
