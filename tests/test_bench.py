@@ -17,9 +17,14 @@ def test_targets_are_judged_on_the_right_rows():
     rows = [{"what": "inference", "device": "cpu", "dtype": "fp32", "batch": 8, "d26 speed-up": 3.5,
              "ours over transformers, dense": 0.97},
             {"what": "inference", "device": "cpu", "dtype": "fp32", "batch": 1, "d26 speed-up": 2.0},
-            {"what": "training step", "device": "cpu", "dtype": "fp32", "batch": 8, "prune over dense": 1.2}]
+            {"what": "training step", "device": "cpu", "dtype": "fp32", "batch": 8, "prune over dense": 1.2},
+            {"what": "inference", "device": "cuda", "dtype": "fp32", "batch": 128, "d26 speed-up": 2.9},
+            {"what": "inference", "device": "cuda", "dtype": "bf16 cast", "batch": 128, "d26 speed-up": 2.5},
+            {"what": "inference", "device": "cuda", "dtype": "fp16", "batch": 128, "d26 speed-up": 1.0}]
     v = bench.verdicts(rows)
     assert v == ["met    inference cpu fp32 batch 8: d26 speed-up 3.500 (target >= 3.4)",
+                 "MISSED inference cuda fp32 batch 128: d26 speed-up 2.900 (target >= 3.0)",  # fp32: the FLOP bound
+                 "met    inference cuda bf16 cast batch 128: d26 speed-up 2.500 (target >= 2.44)",  # bf16: the paper's
                  "MISSED inference cpu fp32 batch 8: ours over transformers, dense 0.970 (target >= 1.0)",
                  "MISSED training step cpu fp32 batch 8: prune over dense 1.200 (target <= 1.15)"]
 
@@ -73,3 +78,10 @@ def test_breakdown_puts_every_op_of_a_forward_in_one_kind():
     kinds = [k for k, _ in bench.KINDS] + ["elementwise and other"]
     assert list(row["ms"]) == ["dense", "d26"] and all(list(ms) == kinds for ms in row["ms"].values())
     assert all(ms["matmul"] > 0 and ms["attention"] > 0 and ms["layernorm"] > 0 for ms in row["ms"].values())
+
+
+def test_compiled_inference_row_times_ours_only(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # compiling takes minutes on CPU: the row's logic only
+    row = bench.bench_inference(torch.device("cpu"), "fp32", 1, 8, reps=1, warmup=0, cast=True, compiled=True)
+    assert list(row["seconds"]) == ["ours dense", "ours d26"] and row["dtype"] == "fp32 cast compiled"
+    assert row["d26 speed-up"] > 0 and "ours over transformers, dense" not in row
