@@ -313,7 +313,7 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
     for r in range(reps):  # in reverse order every other round, as timeit
         for name, model in list(models.items())[::1 if r % 2 else -1]:
             seconds[name].append(ts.predict(args, model, dev, trim=False)[2])
-    rows = []
+    rows = [{"what": "study cost model", **cost}]  # the table the predictions come from, its grid's timings too
     for p, r in results.items():
         r["speedup_cpu"] = min(seconds["dense"]) / min(seconds[str(p.parent)])
         bert.atomic_write(p, json.dumps(r, indent=2).encode())

@@ -454,8 +454,9 @@ def measure_costs(config, device, dtype=torch.float32, batch=128, seq_len=384, r
     """The measured cost model, as latency-aware pruning builds it (a table of measured latencies per structure:
     Kwon et al. 2022; ZipLM, Kurtic et al. 2023): on `device`, under autocast to `dtype` (fp32: none), the seconds
     of one forward of batch x seq_len tokens, padded (as the dev evaluation times it), through an encoder layer of
-    config's sizes with h heads and n FFN units over a grid: h = 0, H/4, H/2, H without FFN, n = N/4, N/2, N
-    (multiples of 8, as compact() leaves the widths) without attention, and (H, N); and through the parts outside
+    config's sizes with h heads and n FFN units over a grid: h = 0, H/8, H/4, H/2, H without FFN, n = N/8 .. N
+    (multiples of 8, as compact() leaves the widths) without attention, and (H, N), denser at the narrow end where
+    pruned models live (on this repository's CPU an FFN unit costs less there); and through the parts outside
     the layers (embeddings, the QA head: a model of 0 layers). Least squares fits, over the grid,
     seconds = base + (h > 0) attention + h x head + (n > 0) ffn + n x unit: a slope per head and per unit, and per
     layer a constant (LayerNorms, residuals: base) plus one for attention and one for the FFN (what they cost whatever
@@ -465,8 +466,8 @@ def measure_costs(config, device, dtype=torch.float32, batch=128, seq_len=384, r
     structures take turns, reversed every other round; the fastest of `reps` rounds after a warm-up round counts
     (a busy machine only adds time)."""
     H, N = max(config.num_attention_heads), max(config.intermediate_size)
-    grid = dict.fromkeys([(0, 0), (H // 4, 0), (H // 2, 0), (H, 0)] + [(0, -(-k * N // 32) * 8) for k in (1, 2, 4)]
-                         + [(H, N)])  # (heads, units), each once
+    grid = dict.fromkeys([(0, 0)] + [(H * k // 8, 0) for k in (1, 2, 4, 8)]  # (heads, units), each once
+                         + [(0, -(-k * N // 64) * 8) for k in (1, 2, 4, 8)] + [(H, N)])
     torch.manual_seed(0)
     ids = torch.randint(config.vocab_size, (batch, seq_len), device=device)
     lengths = seq_len - torch.arange(batch, device=device) % (seq_len // 2)  # from seq_len down: a padded batch

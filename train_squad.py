@@ -386,6 +386,7 @@ def cost_table(args, config, out=None):
     path = Path(args.cost_table) if args.cost_table else out / "cost_table.json"
     if not args.cost_table and not (args.resume and path.exists()):
         if not get_rank():
+            out.mkdir(parents=True, exist_ok=True)  # --stage all makes its subdirectories when they are used
             log(f"cost model: timing heads and FFN units on {args.device} ({args.precision}), batch "
                 f"{args.per_device_eval_batch_size} x {args.max_seq_length} tokens")
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]

@@ -53,11 +53,12 @@ def test_study_times_each_finished_run_on_this_cpu_and_records_it(tmp_path, monk
     monkeypatch.setattr(bp, "measure_costs", lambda *a: timed.append(a[1:]) or table)
     rows = bench.main(argv)
     r = json.loads((run / "results.json").read_text())
-    assert r["f1"] == 1.0 and r["speedup_cpu"] > 0 and len(rows) == 1  # added; the rest kept
-    assert (rows[0]["heads"], rows[0]["ffn"], rows[0]["speed-up"]) == ([1, 0], [16, 8], r["speedup_cpu"])
+    assert r["f1"] == 1.0 and r["speedup_cpu"] > 0 and len(rows) == 2  # added; the rest kept
+    assert rows[0] == {"what": "study cost model", **table}
+    assert (rows[1]["heads"], rows[1]["ffn"], rows[1]["speed-up"]) == ([1, 0], [16, 8], r["speedup_cpu"])
     assert timed == [(torch.device("cpu"), torch.float32, 128, 64)]  # at the study's batch and length
-    assert rows[0]["predicted speed-up, measured cost"] == bp.predicted_speedup(final, dense, table)
-    assert rows[0]["predicted speed-up"] == 5.0  # the run's own, from its results.json
+    assert rows[1]["predicted speed-up, measured cost"] == bp.predicted_speedup(final, dense, table)
+    assert rows[1]["predicted speed-up"] == 5.0  # the run's own, from its results.json
     with pytest.raises(SystemExit, match=r"^error: --study: no results.json under \S+$"):
         bench.main(argv[:1] + [str(tmp_path / "dense")] + argv[2:])
     (run / "filled/config.json").unlink()  # an unfinished run

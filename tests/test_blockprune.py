@@ -280,7 +280,8 @@ def test_measured_costs_time_the_grid_and_make_a_table_that_fits_the_model(monke
     monkeypatch.setattr(bp, "fit_costs", known_costs)
     c = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=100)
     table = bp.measure_costs(c, torch.device("cpu"), torch.float32, batch=4, seq_len=16)
-    assert list(timed) == ["outside", (0, 0), (1, 0), (2, 0), (4, 0), (0, 32), (0, 56), (0, 104), (4, 100)]
+    assert list(timed) == ["outside", (0, 0), (1, 0), (2, 0), (4, 0), (0, 16), (0, 32), (0, 56), (0, 104),
+                           (4, 100)]
     assert all(0 < t < 10 for t in timed.values())  # FFN widths multiples of 8 as compact leaves them, and the dense
     assert bp.check_cost_table(table, c) is table and table["fixed"] == pytest.approx(1 + 2 * 0.1)
     assert (table["batch"], table["seq_len"], table["dtype"], table["head"]) == (4, 16, "float32", pytest.approx(0.01))
