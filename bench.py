@@ -327,7 +327,8 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
     FFN width per layer) over the dense model of dense_dir, timed here as train_squad.py times it: padded dev
     windows in batches of 128, the models taking turns after a warm-up, the fastest of 3 rounds; random
     weights. For runs trained elsewhere (on a GPU, or beside other runs): the speed-up on this machine's CPU,
-    written into each results.json as speedup_cpu."""
+    written into each results.json as speedup_cpu. Beside it, two predictions: the FLOP ratio, and the measured cost
+    model's (blockprune.measure_costs), timed here first at the same batch and length, of the model as it runs."""
     import squad
     import train_squad as ts
     cpu = torch.device("cpu")
@@ -351,22 +352,29 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
     _, dev = squad.cached_features(dev_file, vocab, True, T, stride, False)
     dev = {k: v[:windows] for k, v in dev.items()}
     args = argparse.Namespace(device=cpu, precision="fp32", per_device_eval_batch_size=128)
+    t = time.perf_counter()
+    cost = bp.measure_costs(models["dense"].config, cpu, torch.float32, 128, T)
+    print(f"cost model measured in {time.perf_counter() - t:.0f} s: {1e3 * cost['head']:.2f} ms a head, "
+          f"{1e3 * cost['unit']:.4f} ms an FFN unit, {1e3 * cost['fixed']:.0f} ms fixed, per batch of 128", flush=True)
     seconds = {name: [] for name in models}
     for name, model in models.items():  # warm-up: the first call of a model is slower (allocations)
         ts.predict(args, model, {k: v[:128] for k, v in dev.items()}, trim=False)
     for r in range(reps):  # in reverse order every other round, as timeit
         for name, model in list(models.items())[::1 if r % 2 else -1]:
             seconds[name].append(ts.predict(args, model, dev, trim=False)[2])
-    rows = []
+    rows = [{"what": "study cost model", **cost}]  # the table the predictions come from, its grid's timings too
     for p, r in results.items():
         r["speedup_cpu"] = min(seconds["dense"]) / min(seconds[str(p.parent)])
         bert.atomic_write(p, json.dumps(r, indent=2).encode())
-        s = r["structure"]
+        s, final = r["structure"], models[str(p.parent)].config
         rows.append({"what": "study run", "run": str(p.parent), "device": "cpu", "windows": len(dev["input_ids"]),
                      "heads": [x["heads"] for x in s["layers"]], "ffn": [x["ffn"] for x in s["layers"]],
-                     "predicted speed-up": s["predicted_speedup"], "speed-up": r["speedup_cpu"]})
-        print(f"{rows[-1]['run']}: heads {rows[-1]['heads']}, FFN {rows[-1]['ffn']}: "
-              f"{r['speedup_cpu']:.2f}x measured, {s['predicted_speedup']:.2f}x predicted", flush=True)
+                     "predicted speed-up": s.get("predicted_speedup_flops", s["predicted_speedup"]),
+                     "predicted speed-up, measured cost": bp.predicted_speedup(final, models["dense"].config, cost),
+                     "speed-up": r["speedup_cpu"]})
+        print(f"{rows[-1]['run']}: heads {rows[-1]['heads']}, FFN {rows[-1]['ffn']}: {r['speedup_cpu']:.2f}x "
+              f"measured, {rows[-1]['predicted speed-up, measured cost']:.2f}x predicted by the measured cost model, "
+              f"{rows[-1]['predicted speed-up']:.2f}x by FLOPs", flush=True)
     return rows
 
 

@@ -15,14 +15,16 @@ The method, top to bottom:
      equal the masked model's; "filled" fine-tuning then lets the surviving heads use all weights.
 Then what is ours, not the paper's:
   6. a target density (or speed-up) instead of a final threshold: the threshold that keeps the scheduled
-     fraction of the linear parameters (or of the FLOPs, counted per head and FFN unit), and what training
-     reports (heads alive, the scores' spread); the dead-head gate lives in MaskedBert.masks (section 2);
+     fraction of the linear parameters (or of a cost model's time: FLOPs counted, or seconds measured per head
+     and FFN unit), and what training reports (heads alive, the scores' spread); the dead-head gate lives in
+     MaskedBert.masks (section 2);
 and last the report, the pictures and the checkpoints of a masked model.
 
 Imports only bert.py; knows nothing of SQuAD.
 """
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,9 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bert import BertForQuestionAnswering, finish_write, read_safetensors, safetensors_bytes
+from bert import BertForQuestionAnswering, Layer, finish_write, read_safetensors, safetensors_bytes
 
 ATTENTION = ("query", "key", "value", "attn_out")  # the four attention matrices of a layer
+COST_KEYS = ("hidden_size", "attention_head_size", "num_hidden_layers", "head", "unit", "fixed")  # of a cost table
 
 
 @dataclass
@@ -47,8 +50,9 @@ class PruneConfig:
     warmup_steps: int = 0  # threshold 0 for these steps (the reference's "initial_warmup")
     ramp_steps: int = 1  # then the cubic rise; the threshold stays at tau_f afterwards ("final_warmup")
     target_density: float | None = None  # instead of tau_f: the threshold that keeps this density of linear params
-    target_speedup: float | None = None  # instead of tau_f: the threshold that keeps 1 / this of the encoder FLOPs
+    target_speedup: float | None = None  # instead of tau_f: the threshold that makes the cost model's time 1 / this
     seq_len: int = 384  # the sequence length at which target_speedup counts FLOPs (--max_seq_length)
+    cost: dict | None = None  # the cost model: None counts FLOPs; a measure_costs table weighs by measured time
     # A head whose Q or K is all pruned gets its V masked too: "eval" only when not training (as the reference,
     # where such a head attends uniformly while training, its scores keep learning and it can come back; it
     # kept 0.3 to 0.7 more F1 in docs/study.md), "always" in training too (no task gradient reaches the
@@ -74,6 +78,8 @@ class PruneConfig:
                 raise ValueError("--target_density and --target_speedup exclude each other: give one")
             if self.pruning_method != "sigmoid":
                 raise ValueError("--target_speedup needs --pruning_method sigmoid")
+        if self.cost is not None and not all(isinstance(self.cost.get(k), (int, float)) for k in COST_KEYS):
+            raise ValueError(f"a cost table needs the numbers {', '.join(COST_KEYS)} (blockprune.measure_costs)")
 
 
 # ---- 1. blocks and scores ------------------------------------------------------------------------
@@ -157,6 +163,7 @@ class MaskedBert(nn.Module):
                                                                            device=w.device))
             w = layer.ffn_in.weight
             self.scores[f"layer{i}_ffn"] = nn.Parameter(torch.zeros(w.shape[0], device=w.device))
+        keep_fraction(config, model.config)  # a speed-up beyond what the fixed costs allow: refused before training
 
     def masks(self, threshold=None, gate=None):
         """{parameter name: mask of its shape} for the weights and biases of every masked Linear. The V rows of
@@ -237,12 +244,13 @@ def lambda_schedule(step, config):
 
 def schedule(step, masked):
     """(threshold, lambda) at a training step. With target_density (target_speedup) the threshold is not
-    tau_f * ramp but the one that keeps the scheduled density (FLOP fraction), whatever the scores have learnt:
-    lambda then only shapes which blocks win, never how many, and needs no tuning."""
-    c = masked.config
+    tau_f * ramp but the one that keeps the scheduled density (fraction of the prunable cost), whatever the scores
+    have learnt: lambda then only shapes which blocks win, never how many, and needs no tuning."""
+    c, dense = masked.config, masked.model.config
     tau = threshold_schedule(step, c)
     if c.target_density is not None or c.target_speedup is not None:
-        tau = threshold_for_density(masked, density_schedule(step, c), c.seq_len if c.target_speedup else None)
+        tau = threshold_for_density(masked, density_schedule(step, c, keep_fraction(c, dense)),
+                                    None if c.target_speedup is None else speed_cost(c, dense))
     return tau, lambda_schedule(step, c)
 
 
@@ -335,26 +343,41 @@ def fill(model, noise=0.01, generator=None):
     return model
 
 
-# ---- 6. ours: a target density or speed-up instead of a final threshold, and what training reports ----
+# ---- 6. ours: a target density or speed-up instead of a final threshold, cost models, what training reports
 
-def density_schedule(step, config):
-    """With target_density: the density of linear parameters to keep at a step, from 1 down to the target.
-    With target_speedup S: the fraction of the encoder's FLOPs to keep (at seq_len), from 1 down to 1 / S on
-    the same ramp. The FLOPs removed follow the cubic ramp, as the parameters do with target_density; the
-    scheduled speed-up, 1 / that fraction, thus goes from 1x to S, and half-way up the ramp S = 3 is at 2.4x."""
-    target = config.target_density if config.target_speedup is None else 1 / config.target_speedup
-    return 1 - (1 - target) * ramp(step, config)
+def density_schedule(step, config, final):
+    """The fraction to keep at a step, from 1 down to `final` (keep_fraction) on the cubic ramp: with target_density
+    of the linear parameters, with target_speedup of the cost model's prunable cost. The cost removed follows the
+    ramp, as the parameters do with target_density; with FLOPs the scheduled speed-up, 1 / that fraction, thus
+    goes from 1x to S, and half-way up the ramp S = 3 is at 2.4x."""
+    return 1 - (1 - final) * ramp(step, config)
+
+
+def keep_fraction(config, dense):
+    """What the end of the ramp keeps: target_density; with target_speedup S the fraction of the prunable cost (of
+    the dense model of config `dense`) for which the whole model, fixed costs included, costs 1 / S of the dense
+    one: fixed + kept = (fixed + prunable) / S, i.e. 1 / S with FLOPs (fixed 0). A target beyond what the fixed
+    costs allow (S > total / fixed) is refused, with the largest S there is."""
+    if config.target_speedup is None:
+        return config.target_density
+    cost = speed_cost(config, dense)
+    total, fixed = model_cost(dense, cost), cost["fixed"]
+    if config.target_speedup * fixed > total:
+        raise ValueError(f"--target_speedup {config.target_speedup:g}: what no pruning removes (embeddings, "
+                         f"LayerNorms, the QA head, each layer's constant) takes {100 * fixed / total:.1f} % of the "
+                         f"dense model's measured time: the largest reachable speed-up is {total / fixed:.2f}x")
+    return (total / config.target_speedup - fixed) / (total - fixed)
 
 
 @torch.no_grad()
-def death_thresholds(masked, seq_len=None):
+def death_thresholds(masked, cost=None):
     """(thresholds, sizes): for every head and FFN unit, the threshold above which it is pruned and its
-    size: the linear parameters it holds, or with seq_len its FLOPs for a sequence of that length. A head lives
+    size: the linear parameters it holds, or with a cost model (flop_costs, measure_costs) its cost. A head lives
     while each of its Q, K, V and output matrices keeps a block, i.e. while tau is below the smallest of the
     four matrices' best sigmoid(score) in it."""
     c = masked.model.config
-    head, unit = (head_and_unit_flops(c, seq_len) if seq_len else (4 * c.attention_head_size * c.hidden_size,
-                                                                    2 * c.hidden_size))
+    head, unit = (cost["head"], cost["unit"]) if cost else (4 * c.attention_head_size * c.hidden_size,
+                                                             2 * c.hidden_size)
     ts, ns = [], []
     for i, layer in enumerate(masked.model.layers):
         u = torch.sigmoid(masked.scores[f"layer{i}_ffn"].float())
@@ -369,13 +392,13 @@ def death_thresholds(masked, seq_len=None):
     return torch.cat(ts), torch.cat(ns)
 
 
-def threshold_for_density(masked, density, seq_len=None):
+def threshold_for_density(masked, density, cost=None):
     """The threshold at which the compacted model keeps the density of linear parameters closest to
-    `density` (with seq_len: the fraction of the encoder's FLOPs at that length, 1 / the speed-up): heads and
-    units live in the order of their death thresholds (a weighted quantile), so it is off by at most half a
-    head's or unit's parameters or FLOPs (of heads sharing a block, when blocks span heads). A 0-dim tensor on the
-    scores' device: training then never waits for it (torch.take: an index that stays on the device)."""
-    t, n = death_thresholds(masked, seq_len)
+    `density` (with a cost model: that fraction of the prunable cost): heads and units live in the order of their
+    death thresholds (a weighted quantile), so it is off by at most half a head's or unit's parameters or cost
+    (of heads sharing a block, when blocks span heads). A 0-dim tensor on the scores' device: training then never
+    waits for it (torch.take: an index that stays on the device)."""
+    t, n = death_thresholds(masked, cost)
     order = t.argsort(descending=True)
     t, n = t[order], n[order]
     kept = torch.cat([n.new_zeros(1), n.cumsum(0)]) / n.sum()  # kept[j]: the density when the top j live
@@ -383,6 +406,10 @@ def threshold_for_density(masked, density, seq_len=None):
     possible = torch.cat([t.new_ones(1, dtype=torch.bool), t[1:] < t[:-1], t.new_ones(1, dtype=torch.bool)])
     return torch.take(tau, (kept - density).abs().masked_fill(~possible, float("inf")).argmin())
 
+
+# The cost model of --target_speedup: a cost per head, per FFN unit, and a fixed cost, in one unit, from one of two
+# sources: FLOPs counted (flop_costs) or seconds measured on the device (measure_costs). Pruning weighs heads and
+# units by it (death_thresholds), and the report predicts the speed-up by it.
 
 def head_and_unit_flops(config, T):
     """(FLOPs of one attention head, of one FFN unit) for one sequence of T tokens, a FLOP being half a
@@ -397,8 +424,104 @@ def head_and_unit_flops(config, T):
 def encoder_flops(config, T):
     """The encoder's FLOPs for one sequence of T tokens: 70.7 G for BERT-base at T = 384, 19.5 G for the
     paper's d26 structure (3.62x fewer, against the 2.44x the paper measured on a GPU)."""
+    return model_cost(config, flop_costs(config, T))
+
+
+def flop_costs(config, T):
+    """The FLOP cost model at length T: head_and_unit_flops, and no fixed cost."""
     head, unit = head_and_unit_flops(config, T)
-    return head * sum(config.num_attention_heads) + unit * sum(config.intermediate_size)
+    return {"cost_model": "flops", "head": head, "unit": unit, "fixed": 0}
+
+
+def speed_cost(config, dense):
+    """The cost model that target_speedup prunes by: the measured table of the PruneConfig, or FLOPs at seq_len."""
+    return config.cost or flop_costs(dense, config.seq_len)
+
+
+def model_cost(config, cost):
+    """A model's cost under a cost model: fixed + head x its heads + unit x its FFN units."""
+    heads, units = sum(config.num_attention_heads), sum(config.intermediate_size)
+    return cost["fixed"] + cost["head"] * heads + cost["unit"] * units
+
+
+def predicted_speedup(config, dense, cost):
+    """The dense model's cost over the cost of the model of `config`, under a cost model."""
+    return model_cost(dense, cost) / max(1e-30, model_cost(config, cost))
+
+
+@torch.no_grad()
+def measure_costs(config, device, dtype=torch.float32, batch=128, seq_len=384, reps=2):
+    """The measured cost model, as latency-aware pruning builds it (a table of measured latencies per structure:
+    Kwon et al. 2022; ZipLM, Kurtic et al. 2023): on `device`, under autocast to `dtype` (fp32: none), the seconds
+    of one forward of batch x seq_len tokens, padded (as the dev evaluation times it), through an encoder layer of
+    config's sizes with h heads and n FFN units over a grid: h = 0, H/8, H/4, H/2, H without FFN, n = N/8 .. N
+    (multiples of 8, as compact() leaves the widths) without attention, and (H, N), denser at the narrow end where
+    pruned models live (on this repository's CPU an FFN unit costs less there); and through the parts outside
+    the layers (embeddings, the QA head: a model of 0 layers). Least squares fits, over the grid,
+    seconds = base + (h > 0) attention + h x head + (n > 0) ffn + n x unit: a slope per head and per unit, and per
+    layer a constant (LayerNorms, residuals: base) plus one for attention and one for the FFN (what they cost whatever
+    their width: narrow matrix products run below the speed of wide ones). The per-layer constant base + attention
+    + ffn, a layer keeping some heads and some units, and the outside make the fixed cost that no pruning removes
+    (a layer left with no heads or no units is then predicted slower than it is, by attention or ffn). The
+    structures take turns, reversed every other round; the fastest of `reps` rounds after a warm-up round counts
+    (a busy machine only adds time)."""
+    H, N = max(config.num_attention_heads), max(config.intermediate_size)
+    grid = dict.fromkeys([(0, 0)] + [(H * k // 8, 0) for k in (1, 2, 4, 8)]  # (heads, units), each once
+                         + [(0, -(-k * N // 64) * 8) for k in (1, 2, 4, 8)] + [(H, N)])
+    torch.manual_seed(0)
+    ids = torch.randint(config.vocab_size, (batch, seq_len), device=device)
+    lengths = seq_len - torch.arange(batch, device=device) % (seq_len // 2)  # from seq_len down: a padded batch
+    attend = torch.arange(seq_len, device=device) < lengths[:, None]  # (B, T)
+    x = torch.randn(batch, seq_len, config.hidden_size, device=device)  # the hidden states between layers
+    outside = BertForQuestionAnswering(replace(config, num_hidden_layers=0, num_attention_heads=[],
+                                               intermediate_size=[])).to(device).eval()
+    runs = {"outside": lambda: outside(ids, attend.long())}
+    attend = attend[:, None, None, :]  # (B, 1, 1, T), as BertForQuestionAnswering passes it to its layers
+    for h, n in grid:
+        runs[h, n] = lambda layer=Layer(config, h, n).to(device).eval(): layer(x, attend)
+    seconds = {k: float("inf") for k in runs}
+    for r in range(reps + 1):
+        for k, run in list(runs.items())[::1 if r % 2 else -1]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if r:
+                seconds[k] = min(seconds[k], time.perf_counter() - t)
+    return {"cost_model": "measured", "hidden_size": config.hidden_size,
+            "attention_head_size": config.attention_head_size, "num_hidden_layers": config.num_hidden_layers,
+            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "batch": batch, "seq_len": seq_len,
+            "unit_of_cost": "seconds per batch", **fit_costs(seconds, config.num_hidden_layers)}
+
+
+def fit_costs(seconds, layers):
+    """The cost model from timings {(heads, FFN units): seconds of a layer, ..., "outside": seconds}: the least
+    squares fit of measure_costs, and the fixed cost of a model of that many layers."""
+    grid = [k for k in seconds if k != "outside"]
+    a = torch.tensor([[1.0, h > 0, n > 0, h, n] for h, n in grid], dtype=torch.float64)
+    y = torch.tensor([seconds[k] for k in grid], dtype=torch.float64)[:, None]
+    base, attention, ffn, head, unit = torch.linalg.lstsq(a, y).solution[:, 0].tolist()
+    if not (head > 0 and unit > 0):  # noise larger than what a head or a unit costs
+        raise ValueError(f"cost model: the layer's time does not grow with its heads and units ({head:.3g} s a head, "
+                         f"{unit:.3g} s a unit): time it on a quieter machine or at a larger batch")
+    layer = base + attention + ffn
+    return {"head": head, "unit": unit, "fixed": seconds["outside"] + layers * layer, "layer": layer,
+            "layer_parts": {"base": base, "attention": attention, "ffn": ffn}, "outside": seconds["outside"],
+            "grid": [[h, n, seconds[h, n]] for h, n in grid]}
+
+
+def check_cost_table(cost, config):
+    """Refuses (ValueError) a cost table that is not one, or was measured for a model of other sizes."""
+    if not isinstance(cost, dict) or not all(isinstance(cost.get(k), (int, float)) for k in COST_KEYS):
+        raise ValueError(f"not a cost table: expected a JSON object with the numbers {', '.join(COST_KEYS)} "
+                         "(as train_squad.py --cost_model measured saves it)")
+    for k in COST_KEYS[:3]:
+        if cost[k] != getattr(config, k):
+            raise ValueError(f"measured for a model of {k} {cost[k]}, this model has {getattr(config, k)}")
+    return cost
 
 
 @torch.no_grad()
@@ -444,11 +567,13 @@ def zero_units(layer):
     return int((~live).sum())
 
 
-def report(model, dense_config, seq_len=384):
+def report(model, dense_config, seq_len=384, cost=None):
     """Per layer heads and FFN units kept, linear parameters kept (of the dense model's), total parameters, and
-    the encoder's FLOPs for one sequence of seq_len tokens: the dense model's over these is the predicted speed-up.
-    Units and FLOPs are those of the structure pruning left: the all-zero units that round each FFN width up to a
-    multiple of 8 are counted apart (ffn_padding, padding_params), and so are their FLOPs (flops_padding)."""
+    the encoder's FLOPs for one sequence of seq_len tokens: the dense model's over these is the FLOP model's
+    predicted speed-up. Units and FLOPs are those of the structure pruning left: the all-zero units that round each
+    FFN width up to a multiple of 8 are counted apart (ffn_padding, padding_params), and so are their FLOPs
+    (flops_padding). predicted_speedup is the run's cost model's (cost_model): the FLOPs', or with a measured cost
+    table (measure_costs) its time, of the model as it runs, padding included (it takes time)."""
     c = model.config
     pad = [zero_units(layer) for layer in model.layers]
     real = replace(c, intermediate_size=[f - p for f, p in zip(c.intermediate_size, pad)])
@@ -457,11 +582,13 @@ def report(model, dense_config, seq_len=384):
             for i, (n, f, p) in enumerate(zip(c.num_attention_heads, real.intermediate_size, pad))]
     kept, dense = linear_params(real), linear_params(dense_config)
     flops, flops_dense = encoder_flops(real, seq_len), encoder_flops(dense_config, seq_len)
+    speedup_flops = flops_dense / max(1, flops)
     return {"layers": rows, "heads": sum(c.num_attention_heads), "heads_dense": sum(dense_config.num_attention_heads),
             "linear_params": kept, "linear_params_dense": dense, "linear_density": kept / dense,
             "padding_params": linear_params(c) - kept, "flops_padding": encoder_flops(c, seq_len) - flops,
             "total_params": model.num_parameters(), "seq_len": seq_len, "flops": flops, "flops_dense": flops_dense,
-            "predicted_speedup": flops_dense / max(1, flops)}
+            "cost_model": "measured" if cost else "flops", "predicted_speedup_flops": speedup_flops,
+            "predicted_speedup": predicted_speedup(c, dense_config, cost) if cost else speedup_flops}
 
 
 def format_report(r):
@@ -474,7 +601,9 @@ def format_report(r):
         lines.append(f"FFN widths padded to multiples of 8 with zero units: {r['padding_params']:,} more linear "
                      f"params, {r['flops_padding'] / max(1, r['flops']):.1%} more FLOPs (counted apart)")
     lines.append(f"encoder at length {r['seq_len']}: {r['flops'] / 1e9:.3g} of {r['flops_dense'] / 1e9:.3g} GFLOP, "
-                 f"predicted speed-up {r['predicted_speedup']:.2f}x")
+                 f"predicted speed-up {r['predicted_speedup_flops']:.2f}x (FLOPs)")
+    if r["cost_model"] == "measured":
+        lines.append(f"predicted speed-up {r['predicted_speedup']:.2f}x (measured cost model)")
     return "\n".join(lines)
 
 
@@ -494,7 +623,7 @@ def plot_report(r, path, speedup=None):
     b.bar(layers, [x["ffn"] for x in r["layers"]], color="tab:orange")
     b.set(title="FFN units kept", xlabel="layer")
     fig.suptitle(f"{100 * r['linear_density']:.1f} % of linear parameters kept; speed-up {r['predicted_speedup']:.2f}x"
-                 " predicted (FLOPs)" + (f", {speedup:.2f}x measured" if speedup else ""))
+                 f" predicted ({r['cost_model']})" + (f", {speedup:.2f}x measured" if speedup else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

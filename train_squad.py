@@ -199,11 +199,12 @@ def teacher_logits(args, teacher_path, vocab, features):
 
 def stage_prune(args, model_path, teacher_path, out):
     model, vocab, lowercase = load_checkpoint(model_path, dense="--model_name_or_path")
-    bp.MaskedBert(model, prune_config(args))  # --block must fit the model: said before the data and the teacher
+    cost = cost_table(args, model.config, out)
+    bp.MaskedBert(model, prune_config(args, cost=cost))  # --block must fit, the target be reachable: said early
     _, features = features_for(args, vocab, lowercase, "train")
     teacher = teacher_logits(args, teacher_path, vocab, features)
     dev = features_for(args, vocab, lowercase, "dev")
-    prune = prune_config(args, features)
+    prune = prune_config(args, features, cost)
     masked = train(args, "prune", model, features, args.num_train_epochs, args.learning_rate, prune.warmup_steps, out,
                    teacher, prune)
     return finish(args, masked, out, vocab, lowercase, dev, "prune (masked)",
@@ -221,7 +222,7 @@ def stage_compact(args, masked_path, out):
     few = {k: v[:8] for k, v in dev.items()}
     fp32 = argparse.Namespace(**{**vars(args), "precision": "fp32"})
     (a, b, _), (c, d, _) = predict(fp32, masked, few, trim=False), predict(fp32, small, few, trim=False)
-    r = {**bp.report(small, masked.model.config, args.max_seq_length),
+    r = {**bp.report(small, masked.model.config, args.max_seq_length, masked.config.cost),
          "max_logit_difference_from_masked": max((a - c).abs().max().item(), (b - d).abs().max().item()),
          "head_pruning": bp.head_pruning_stats(masked)}  # how much of the pruning removed whole heads
     save_checkpoint(small, out, vocab, lowercase)
@@ -254,7 +255,8 @@ def stage_all(args, out):
     """The paper's recipe (docs/paper.md) end to end: teacher (fine-tuned here unless --teacher is given), prune with
     distillation, compact, fill, evaluate; then the speed-up of the final model over the teacher. Another target
     from the same teacher: run again with --teacher OUT/teacher and another --output_dir."""
-    bp.MaskedBert(load_checkpoint(args.model_name_or_path)[0], prune_config(args))  # --block fits, before any training
+    model = load_checkpoint(args.model_name_or_path)[0]  # --block fits, a --cost_table too, before any training
+    bp.MaskedBert(model, prune_config(args, cost=cost_table(args, model.config)))
     teacher = args.teacher or str(out / "teacher")
     if not args.teacher:
         teacher_metrics = once(args, out / "teacher", stage_finetune, args.model_name_or_path)
@@ -285,7 +287,8 @@ def stage_all(args, out):
     bp.plot_report(r, out / "compact" / "structure.png", results["speedup"])  # again, with the measured speed-up
     log(f"final ({out}): F1 {s['f1']:.2f} EM {s['exact_match']:.2f} (teacher F1 {results['teacher']['f1']:.2f}), "
         f"heads {r['heads']}/{r['heads_dense']}, linear params {100 * r['linear_density']:.1f} %, "
-        f"speed-up {results['speedup']:.2f}x over the teacher ({r['predicted_speedup']:.2f}x predicted from FLOPs) "
+        f"speed-up {results['speedup']:.2f}x over the teacher ({r['predicted_speedup']:.2f}x predicted by the "
+        f"{r['cost_model']} cost model, {r['predicted_speedup_flops']:.2f}x by FLOPs) "
         f"on {len(dev['input_ids'])} dev windows ({args.device.type})")
     return results
 
@@ -332,7 +335,7 @@ def stage_settings(args, stage):
     names += {"finetune": ["finetune_epochs", "warmup_ratio"], "fill": ["fill_epochs"], "eval": [],
               "prune": ["num_train_epochs", "mask_scores_learning_rate", "initial_warmup", "final_warmup", "block",
                         "pruning_method", "final_threshold", "final_lambda", "attention_lambda", "ffn_lambda",
-                        "target_density", "target_speedup", "gate_dead_heads"]}[stage]
+                        "target_density", "target_speedup", "gate_dead_heads", "cost_model", "cost_table"]}[stage]
     if stage in ("prune", "fill"):
         names += ["temperature", "alpha_distil", "alpha_ce"]
     return {**{k: getattr(args, k) for k in names}, "processes": world_size()}
@@ -350,10 +353,10 @@ def same_settings(path, saved, settings):
                              "with another --output_dir) to start afresh")
 
 
-def prune_config(args, features=None):
+def prune_config(args, features=None, cost=None):
     """The pruning run's PruneConfig, its schedule in steps (Sec. 3): --initial_warmup epochs at threshold 0,
     a cubic ramp, --final_warmup epochs at the final threshold, over --num_train_epochs (without features: the
-    flags only, which PruneConfig checks)."""
+    flags only, which PruneConfig checks); cost: a measured cost table (cost_table), None for FLOPs."""
     steps = {}
     if features is not None:
         epoch_steps, total = steps_per_epoch(args, features), total_steps(args, features, args.num_train_epochs)
@@ -363,7 +366,33 @@ def prune_config(args, features=None):
                           final_lambda=args.final_lambda, attention_lambda=args.attention_lambda,
                           ffn_lambda=args.ffn_lambda, gate_dead_heads=args.gate_dead_heads,
                           target_density=args.target_density, target_speedup=args.target_speedup,
-                          seq_len=args.max_seq_length, **steps)
+                          seq_len=args.max_seq_length, cost=cost, **steps)
+
+
+def cost_table(args, config, out=None):
+    """--cost_model measured: the table of --cost_table, of this stage's earlier start (--resume: the same table, or
+    the schedule would change), or measured now on the run's device and precision at --per_device_eval_batch_size x
+    --max_seq_length (by the first process, under torchrun); saved in out as cost_table.json. Without out: only a
+    --cost_table, checked. None for FLOPs."""
+    if args.cost_model == "flops" or not (args.cost_table or out):
+        return None
+    path = Path(args.cost_table) if args.cost_table else out / "cost_table.json"
+    if not args.cost_table and not (args.resume and path.exists()):
+        if not get_rank():
+            out.mkdir(parents=True, exist_ok=True)  # --stage all makes its subdirectories when they are used
+            log(f"cost model: timing heads and FFN units on {args.device} ({args.precision}), batch "
+                f"{args.per_device_eval_batch_size} x {args.max_seq_length} tokens")
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+            atomic_write(path, json.dumps(bp.measure_costs(config, args.device, dtype, args.per_device_eval_batch_size,
+                                                           args.max_seq_length), indent=2).encode())
+        barrier()
+    try:
+        cost = bp.check_cost_table(json.loads(path.read_text(encoding="utf-8")), config)
+    except (OSError, ValueError) as e:  # missing, not JSON, not a table, another model's
+        raise ValueError(f"{'--cost_table ' if args.cost_table else ''}{path}: {e}") from None
+    if out and args.cost_table:
+        atomic_write(out / "cost_table.json", json.dumps(cost, indent=2).encode())  # the table the run used, beside it
+    return cost
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -580,7 +609,13 @@ def parse_args(argv=None):
       "parameters (e.g. 0.26); the threshold follows it down the cubic ramp. 'none': the paper's fixed final "
       "threshold (switches a preset's target off)")
     a("--target_speedup", type=TARGET, help="instead of --final_threshold or --target_density: prune to 1 / this "
-      "of the encoder's FLOPs at --max_seq_length (e.g. 2.5); likewise down the cubic ramp; 'none'")
+      "of the encoder's FLOPs at --max_seq_length (e.g. 2.5), or of its measured time (--cost_model measured); "
+      "likewise down the cubic ramp; 'none'")
+    a("--cost_model", choices=["flops", "measured"], default="flops", help="what --target_speedup (and the report's "
+      "predicted speed-up) weighs heads and FFN units by: FLOPs, or seconds timed on --device at --precision, "
+      "--per_device_eval_batch_size x --max_seq_length (saved as cost_table.json in the prune stage's directory)")
+    a("--cost_table", metavar="FILE", help="with --cost_model measured: a saved cost_table.json instead of timing "
+      "(e.g. timed on the device the model is for)")
     a("--gate_dead_heads", default="eval", help="mask the V of a head with no Q or K left only at evaluation "
       "('eval': the head can come back), or in training too ('always')")
     a("--no_teacher_cache", action="store_true", help="run the teacher at every step instead of caching its logits")
@@ -612,6 +647,8 @@ def parse_args(argv=None):
         args.precision = "bf16" if args.device.type == "cuda" else "fp32"
     if not args.doc_stride < args.max_seq_length // 2:
         p.error(f"--doc_stride must be in [0, max_seq_length / 2), got {args.doc_stride}")
+    if args.cost_table and args.cost_model != "measured":
+        p.error("--cost_table: a measured table, for --cost_model measured")
     try:
         prune_config(args)  # the pruning flags, checked by the method's own config before any work
     except ValueError as e:

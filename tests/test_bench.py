@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bench
+import blockprune as bp
 
 
 def test_d26_is_the_released_models_structure():
@@ -35,7 +36,7 @@ def test_gpu_rows_without_a_gpu_are_refused_in_one_line():
         bench.main(["--device", "cuda"])
 
 
-def test_study_times_each_finished_run_on_this_cpu_and_records_it(tmp_path):
+def test_study_times_each_finished_run_on_this_cpu_and_records_it(tmp_path, monkeypatch):
     import json
     from dataclasses import replace
     from pathlib import Path
@@ -53,10 +54,16 @@ def test_study_times_each_finished_run_on_this_cpu_and_records_it(tmp_path):
                                                   "structure": {"layers": layers, "predicted_speedup": 5.0}}))
     argv = ["--study", str(tmp_path / "runs"), "--dense", str(tmp_path / "dense"), "--eval_windows", "4",
             "--dev_file", str(data / "sample-dev.json"), "--vocab", str(data / "sample-vocab.txt")]
+    table, timed = {"head": 2e-3, "unit": 1e-4, "fixed": 0.01}, []  # known costs: timings would make it flaky
+    monkeypatch.setattr(bp, "measure_costs", lambda *a: timed.append(a[1:]) or table)
     rows = bench.main(argv)
     r = json.loads((run / "results.json").read_text())
-    assert r["f1"] == 1.0 and r["speedup_cpu"] > 0 and len(rows) == 1  # added; the rest kept
-    assert (rows[0]["heads"], rows[0]["ffn"], rows[0]["speed-up"]) == ([1, 0], [16, 8], r["speedup_cpu"])
+    assert r["f1"] == 1.0 and r["speedup_cpu"] > 0 and len(rows) == 2  # added; the rest kept
+    assert rows[0] == {"what": "study cost model", **table}
+    assert (rows[1]["heads"], rows[1]["ffn"], rows[1]["speed-up"]) == ([1, 0], [16, 8], r["speedup_cpu"])
+    assert timed == [(torch.device("cpu"), torch.float32, 128, 64)]  # at the study's batch and length
+    assert rows[1]["predicted speed-up, measured cost"] == bp.predicted_speedup(final, dense, table)
+    assert rows[1]["predicted speed-up"] == 5.0  # the run's own, from its results.json
     with pytest.raises(SystemExit, match=r"^error: --study: no results.json under \S+$"):
         bench.main(argv[:1] + [str(tmp_path / "dense")] + argv[2:])
     (run / "filled/config.json").unlink()  # an unfinished run

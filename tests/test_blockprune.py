@@ -87,11 +87,15 @@ def test_schedule_warmup_ramp_and_cooldown():
     assert bp.lambda_schedule(60, c) == pytest.approx(20 * (1 - 0.5 ** 3))
     assert bp.lambda_schedule(0, c) == 0 and bp.lambda_schedule(110, c) == pytest.approx(20)
     c = replace(c, target_density=0.3)
-    assert bp.density_schedule(10, c) == 1 and bp.density_schedule(110, c) == pytest.approx(0.3)
-    assert bp.density_schedule(60, c) == pytest.approx(1 - 0.7 * (1 - 0.5 ** 3))
+    final = bp.keep_fraction(c, tiny().config)
+    assert final == 0.3 and bp.density_schedule(10, c, final) == 1
+    assert bp.density_schedule(110, c, final) == pytest.approx(0.3)
+    assert bp.density_schedule(60, c, final) == pytest.approx(1 - 0.7 * (1 - 0.5 ** 3))
     c = replace(c, target_density=None, target_speedup=2.5)  # the kept FLOP fraction ramps from 1 to 1 / 2.5
-    assert bp.density_schedule(10, c) == 1 and bp.density_schedule(110, c) == pytest.approx(0.4)
-    assert bp.density_schedule(60, c) == pytest.approx(1 - 0.6 * (1 - 0.5 ** 3))
+    final = bp.keep_fraction(c, tiny().config)
+    assert final == pytest.approx(0.4, rel=1e-12) and bp.density_schedule(10, c, final) == 1
+    assert bp.density_schedule(110, c, final) == pytest.approx(0.4)
+    assert bp.density_schedule(60, c, final) == pytest.approx(1 - 0.6 * (1 - 0.5 ** 3))
     with pytest.raises(ValueError, match="--target_density and --target_speedup exclude each other"):
         replace(c, target_density=0.3)
 
@@ -173,8 +177,14 @@ def test_report_counts_what_the_weights_hold(tmp_path):
     assert r["heads"] == sum(small.config.num_attention_heads) and r["total_params"] == small.num_parameters()
     assert r["flops"] + r["flops_padding"] == bp.encoder_flops(small.config, 32)
     assert r["flops_dense"] == bp.encoder_flops(tiny().config, 32)
-    assert r["predicted_speedup"] == r["flops_dense"] / r["flops"] > 1
-    assert "linear params" in bp.format_report(r) and "predicted speed-up" in bp.format_report(r)
+    assert r["predicted_speedup"] == r["predicted_speedup_flops"] == r["flops_dense"] / r["flops"] > 1
+    assert r["cost_model"] == "flops" and "linear params" in bp.format_report(r)
+    assert "predicted speed-up" in bp.format_report(r) and "measured cost model" not in bp.format_report(r)
+    table = synthetic_table(tiny().config)
+    m = bp.report(small, tiny().config, seq_len=32, cost=table)  # measured: the model as it runs, padding included
+    assert m["cost_model"] == "measured" and m["predicted_speedup_flops"] == r["predicted_speedup"]
+    assert m["predicted_speedup"] == bp.model_cost(tiny().config, table) / bp.model_cost(small.config, table)
+    assert "(measured cost model)" in bp.format_report(m)
     if bp.plot_report(r, tmp_path / "structure.png", speedup=1.5):
         assert (tmp_path / "structure.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -227,3 +237,82 @@ def test_target_speedup_keeps_the_flops_of_the_speedup_within_half_a_head(block)
         s = masked.structure(bp.schedule(1, masked)[0])  # the end of a one-step ramp: the target itself
         flops = bp.encoder_flops(replace(c, num_attention_heads=s["heads"], intermediate_size=s["ffn"]), T)
         assert abs(flops - dense / speedup) <= head / 2, (speedup, s)
+
+
+# ---- the cost models of --target_speedup: FLOPs counted, or seconds measured ------------------------------------
+
+def synthetic_table(config, head=2e-3, unit=1e-4, fixed=0.05):
+    """A measured cost table of known costs, as measure_costs returns it."""
+    return {"cost_model": "measured", "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "attention_head_size": config.attention_head_size, "head": head, "unit": unit, "fixed": fixed}
+
+
+def test_the_flop_cost_model_is_the_flop_count():
+    c = tiny().config
+    small = replace(c, num_attention_heads=[1, 2, 0], intermediate_size=[8, 16, 40])
+    flops = bp.flop_costs(c, 128)
+    assert flops["fixed"] == 0 and (flops["head"], flops["unit"]) == bp.head_and_unit_flops(c, 128)
+    assert bp.model_cost(small, flops) == bp.encoder_flops(small, 128)
+    assert bp.predicted_speedup(small, c, flops) == bp.encoder_flops(c, 128) / bp.encoder_flops(small, 128)
+    assert bp.speed_cost(bp.PruneConfig(target_speedup=2, seq_len=128), c) == flops  # no table: FLOPs
+
+
+def test_fit_recovers_known_costs_from_synthetic_timings():
+    base, attention, ffn, head, unit, outside = 0.2, 0.1, 0.08, 0.12, 0.0011, 0.3
+    grid = [(0, 0), (3, 0), (6, 0), (12, 0), (0, 384), (0, 768), (0, 1536), (12, 1536)]
+    seconds = {(h, n): base + attention * (h > 0) + ffn * (n > 0) + head * h + unit * n for h, n in grid}
+    fit = bp.fit_costs({**seconds, "outside": outside}, layers=6)
+    assert fit["head"] == pytest.approx(head) and fit["unit"] == pytest.approx(unit)
+    assert fit["layer"] == pytest.approx(base + attention + ffn)
+    assert fit["fixed"] == pytest.approx(outside + 6 * (base + attention + ffn))
+    assert [tuple(g[:2]) for g in fit["grid"]] == grid
+    faster = {(h, n): t - 0.2 * h for (h, n), t in seconds.items()}  # with more heads: not a measurement to prune by
+    with pytest.raises(ValueError, match="does not grow with its heads and units"):
+        bp.fit_costs({**faster, "outside": outside}, layers=6)
+
+
+def test_measured_costs_time_the_grid_and_make_a_table_that_fits_the_model(monkeypatch):
+    timed, fit = {}, bp.fit_costs
+
+    def known_costs(seconds, layers):  # what the clock said, then costs known: a test of timings would be flaky
+        timed.update(seconds)
+        return fit({k: 1 if k == "outside" else 0.1 + 0.01 * k[0] + 0.001 * k[1] for k in seconds}, layers)
+    monkeypatch.setattr(bp, "fit_costs", known_costs)
+    c = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=100)
+    table = bp.measure_costs(c, torch.device("cpu"), torch.float32, batch=4, seq_len=16)
+    assert list(timed) == ["outside", (0, 0), (1, 0), (2, 0), (4, 0), (0, 16), (0, 32), (0, 56), (0, 104),
+                           (4, 100)]
+    assert all(0 < t < 10 for t in timed.values())  # FFN widths multiples of 8 as compact leaves them, and the dense
+    assert bp.check_cost_table(table, c) is table and table["fixed"] == pytest.approx(1 + 2 * 0.1)
+    assert (table["batch"], table["seq_len"], table["dtype"], table["head"]) == (4, 16, "float32", pytest.approx(0.01))
+    with pytest.raises(ValueError, match="measured for a model of hidden_size 64, this model has 32"):
+        bp.check_cost_table(table, replace(c, hidden_size=32))
+    with pytest.raises(ValueError, match="not a cost table: expected a JSON object with the numbers hidden_size"):
+        bp.check_cost_table({"head": 1}, c)
+
+
+@pytest.mark.parametrize("speedup", [1.0, 1.5, 2.5, 4.0])
+def test_a_measured_table_picks_the_structure_that_meets_the_target_under_it(speedup):
+    masked = bp.MaskedBert(tiny(), bp.PruneConfig(block="head"))
+    with torch.no_grad():
+        for s in masked.scores.values():
+            s.normal_(0, 2)
+    c = masked.model.config
+    table = synthetic_table(c, head=4e-3, unit=1e-4, fixed=0.01)  # heads dearer than their FLOPs say
+    masked.config = bp.PruneConfig(block="head", target_speedup=speedup, cost=table)
+    s = masked.structure(bp.schedule(1, masked)[0])  # the end of a one-step ramp: the target itself
+    kept = bp.model_cost(replace(c, num_attention_heads=s["heads"], intermediate_size=s["ffn"]), table)
+    assert abs(kept - bp.model_cost(c, table) / speedup) <= table["head"] / 2, s
+    flops = replace(masked.config, cost=None)  # the FLOP model at the same target keeps another structure
+    assert speedup == 1 or masked.structure(bp.threshold_for_density(
+        masked, bp.keep_fraction(flops, c), bp.speed_cost(flops, c)))["heads"] != s["heads"]
+
+
+def test_a_speedup_beyond_the_fixed_costs_is_refused_with_the_largest_there_is():
+    c = tiny().config
+    table = synthetic_table(c)
+    largest = bp.model_cost(c, table) / table["fixed"]  # 0.05 s fixed of 0.05 + 12 x 2e-3 + 144 x 1e-4 s
+    assert bp.keep_fraction(bp.PruneConfig(target_speedup=largest, cost=table), c) == pytest.approx(0, abs=1e-12)
+    with pytest.raises(ValueError, match=rf"^--target_speedup 2: .* takes 56.6 % of the dense model's measured time: "
+                                         rf"the largest reachable speed-up is {largest:.2f}x$"):
+        bp.MaskedBert(tiny(), bp.PruneConfig(target_speedup=2, cost=table))

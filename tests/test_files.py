@@ -1,6 +1,7 @@
 """Nothing written is lost, nothing is silently wrong: checkpoints as units, outputs checked before any work,
 --resume that checks what it resumes. A tiny random BERT on the hand-made sample, a few steps each."""
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def stopped(teacher, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag, value, saved", [("--learning_rate", "1e-3", "0.002"),
                                                 ("--num_train_epochs", "3", "2.0"),
-                                                ("--target_density", "0.5", "None")])
+                                                ("--target_density", "0.5", "None"),
+                                                ("--cost_model", "measured", "'flops'")])
 def test_resume_with_other_settings_is_refused_naming_the_flag(teacher, stopped, flag, value, saved):
     with pytest.raises(ValueError, match=rf"^{flag}: {stopped / 'training_state.pt'} was made with {saved}, this run"):
         run(stopped, "--stage", "prune", "--teacher", str(teacher), "--resume", flag, value)
@@ -168,6 +170,60 @@ def test_stage_all_resume_with_another_target_is_refused_not_skipped(teacher, tm
     with pytest.raises(ValueError, match=rf"^--target_density: {tmp_path / 'pruned' / 'metrics.json'} was made "
                                          r"with 0.6, this run gives 0.3"):
         run(tmp_path, "--teacher", str(teacher), "--target_density", "0.3", "--resume")
+
+
+# ---- a measured cost model: saved beside the run, reused on resume, another model's refused ----------------
+
+def table_of(config, **costs):
+    return {"cost_model": "measured", "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "attention_head_size": config.attention_head_size, "head": 2e-3, "unit": 1e-4, "fixed": 0.01, **costs}
+
+
+def test_a_measured_cost_table_is_saved_and_a_resumed_run_prunes_by_the_same(tmp_path, monkeypatch):
+    config, calls = ts.load_checkpoint("tiny")[0].config, []
+    monkeypatch.setattr(bp, "measure_costs", lambda c, device, dtype, batch, seq_len: calls.append(
+        (device.type, dtype, batch, seq_len)) or table_of(c))
+    args = ts.parse_args([*FEW, "--cost_model", "measured"])
+    assert ts.cost_table(args, config, tmp_path) == table_of(config) == json.loads(
+        (tmp_path / "cost_table.json").read_text())
+    assert calls == [("cpu", torch.float32, 64, 128)]  # the small preset's eval batch and length, fp32 on CPU
+    args.resume = True  # timed again, the table would differ, and so would the thresholds of the resumed steps
+    assert ts.cost_table(args, config, tmp_path) == table_of(config) and len(calls) == 1
+    assert ts.cost_table(ts.parse_args(FEW), config, tmp_path) is None  # --cost_model flops
+
+
+def test_pruning_by_a_given_cost_table_meets_its_target_under_it(teacher, tmp_path):
+    table = tmp_path / "table.json"
+    config = ts.load_checkpoint("tiny")[0].config
+    table.write_text(json.dumps(table_of(config, head=4e-3)))
+    run(tmp_path / "pruned", "--stage", "prune", "--teacher", str(teacher), "--target_speedup", "1.5",
+        "--cost_model", "measured", "--cost_table", str(table))
+    assert json.loads((tmp_path / "pruned/cost_table.json").read_text()) == json.loads(table.read_text())
+    run(tmp_path / "compact", "--stage", "compact", "--model_name_or_path", str(tmp_path / "pruned"))
+    r = json.loads((tmp_path / "compact/report.json").read_text())
+    cost = table_of(config, head=4e-3)
+    kept = sum(x["heads"] * cost["head"] + x["ffn"] * cost["unit"] for x in r["layers"]) + cost["fixed"]
+    assert abs(kept - bp.model_cost(config, cost) / 1.5) <= cost["head"] / 2  # FFN padding apart
+    padded = bp.model_cost(BertForQuestionAnswering.from_pretrained(tmp_path / "compact").config, cost)
+    assert r["cost_model"] == "measured" and r["predicted_speedup"] == bp.model_cost(config, cost) / padded
+    assert r["predicted_speedup_flops"] == r["flops_dense"] / r["flops"] != r["predicted_speedup"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not JSON", "Expecting property name"),
+    ('{"head": 1}', "not a cost table: expected a JSON object with the numbers hidden_size"),
+    (json.dumps(table_of(bert.BertConfig(hidden_size=64, num_attention_heads=4))),
+     "measured for a model of hidden_size 64, this model has 128")])
+def test_a_cost_table_not_of_this_model_is_refused_in_one_line_naming_the_file(tmp_path, content, message):
+    table = tmp_path / "table.json"
+    table.write_text(content)
+    with pytest.raises(SystemExit) as e:  # before any training: the teacher's fine-tuning has not begun
+        ts.cli([*FEW, "--output_dir", str(tmp_path / "run"), "--cost_model", "measured", "--cost_table", str(table)])
+    error = str(e.value)
+    assert error.startswith(f"error: --cost_table {table}: ") and message in error and "\n" not in error
+    assert not (tmp_path / "run/teacher").exists()
+    with pytest.raises(SystemExit, match="^error: --cost_table: a measured table, for --cost_model measured$"):
+        ts.parse_args([*FEW, "--cost_table", str(table)])
 
 
 # ---- the minilm preset anywhere: the checkpoint from the hub, the official train file cut -------------
