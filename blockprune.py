@@ -452,8 +452,8 @@ def predicted_speedup(config, dense, cost):
 @torch.no_grad()
 def measure_costs(config, device, dtype=torch.float32, batch=128, seq_len=384, reps=2):
     """The measured cost model, as latency-aware pruning builds it (a table of measured latencies per structure:
-    Kwon et al. 2022; ZipLM, Kurtic et al. 2023): on `device`, under autocast to `dtype` (fp32: none), the seconds
-    of one forward of batch x seq_len tokens, padded (as the dev evaluation times it), through an encoder layer of
+    Kwon et al. 2022; ZipLM, Kurtic et al. 2023): on `device`, in `dtype` (the modules cast to it, as evaluation
+    runs a model: train_squad.predict), the seconds of one forward of batch x seq_len tokens, padded (as the dev evaluation times it), through an encoder layer of
     config's sizes with h heads and n FFN units over a grid: h = 0, H/8, H/4, H/2, H without FFN, n = N/8 .. N
     (multiples of 8, as compact() leaves the widths) without attention, and (H, N), denser at the narrow end where
     pruned models live (on this repository's CPU an FFN unit costs less there); and through the parts outside
@@ -472,21 +472,20 @@ def measure_costs(config, device, dtype=torch.float32, batch=128, seq_len=384, r
     ids = torch.randint(config.vocab_size, (batch, seq_len), device=device)
     lengths = seq_len - torch.arange(batch, device=device) % (seq_len // 2)  # from seq_len down: a padded batch
     attend = torch.arange(seq_len, device=device) < lengths[:, None]  # (B, T)
-    x = torch.randn(batch, seq_len, config.hidden_size, device=device)  # the hidden states between layers
+    x = torch.randn(batch, seq_len, config.hidden_size, device=device, dtype=dtype)  # the hidden states between layers
     outside = BertForQuestionAnswering(replace(config, num_hidden_layers=0, num_attention_heads=[],
-                                               intermediate_size=[])).to(device).eval()
+                                               intermediate_size=[])).to(device, dtype).eval()
     runs = {"outside": lambda: outside(ids, attend.long())}
     attend = attend[:, None, None, :]  # (B, 1, 1, T), as BertForQuestionAnswering passes it to its layers
     for h, n in grid:
-        runs[h, n] = lambda layer=Layer(config, h, n).to(device).eval(): layer(x, attend)
+        runs[h, n] = lambda layer=Layer(config, h, n).to(device, dtype).eval(): layer(x, attend)
     seconds = {k: float("inf") for k in runs}
     for r in range(reps + 1):
         for k, run in list(runs.items())[::1 if r % 2 else -1]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                run()
+            run()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if r:
