@@ -111,6 +111,39 @@ def load_squad(path, max_questions=None):
 
 # ---- tokenizer and features --------------------------------------------------------------------
 
+def tokenizer_files(d, vocab_size):
+    """(vocab.txt, lowercase) of the checkpoint directory d: its WordPiece vocab, checked against the model's
+    vocab_size, and do_lower_case from tokenizer_config.json (true when there is none, as for BERT uncased)."""
+    vocab, tc = Path(d) / "vocab.txt", Path(d) / "tokenizer_config.json"
+    if not vocab.exists():
+        raise FileNotFoundError(f"{d}: no vocab.txt beside the weights")
+    try:
+        n_tokens = len(vocab.read_text(encoding="utf-8").splitlines())
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{vocab}: not UTF-8 text ({e})") from None
+    if vocab_size < n_tokens:
+        raise ValueError(f"{vocab} has more tokens than the model's vocab_size {vocab_size}")
+    try:
+        lowercase = json.loads(tc.read_text(encoding="utf-8")).get("do_lower_case", True) if tc.exists() else True
+        if not isinstance(lowercase, bool):  # the tokenizers library takes nothing else
+            raise ValueError(f"do_lower_case is {lowercase!r}")
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+        raise ValueError(f"{tc}: expected a JSON object with do_lower_case true or false ({e})") from None
+    return vocab, lowercase
+
+
+def vocab_difference(vocab_a, vocab_b):
+    """None when two vocab files give the same token ids, else where they first differ: (line, token of a, token
+    of b), the tokens quoted. Compared as the tokenizer reads them (WordPiece.read_file), not as bytes: CRLF line
+    endings or a final newline change no token id."""
+    a, b = ([t for t, _ in sorted(WordPiece.read_file(str(v)).items(), key=lambda item: item[1])]
+            for v in (vocab_a, vocab_b))
+    if a == b:
+        return None
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return (i + 1, *(repr(t[i]) if i < len(t) else "the end of the file" for t in (a, b)))
+
+
 def load_tokenizer(vocab_file, lowercase=True):
     """BERT's WordPiece tokenizer as transformers' BertTokenizerFast builds it from vocab.txt."""
     vocab = WordPiece.read_file(str(vocab_file))  # raises if the file cannot be read

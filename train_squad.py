@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers.models import WordPiece
 
 import bert
 import blockprune as bp
 from bert import DATA_DIR, BertConfig, BertForQuestionAnswering, atomic_write, load_cache, log, save_torch
-from squad import cached_features, postprocess, squad_evaluate, squad_file
+from squad import cached_features, postprocess, squad_evaluate, squad_file, tokenizer_files, vocab_difference
 
 # ---- the training loop -----------------------------------------------------------------------------
 
@@ -159,15 +158,9 @@ def load_teacher(teacher_path, vocab):
         raise ValueError("--teacher: give the fine-tuned checkpoint to distil from ('' fine-tunes one only with "
                          "--stage all)")
     teacher, t_vocab, _ = load_checkpoint(teacher_path)
-    # the token lists as the tokenizer reads them (load_tokenizer's WordPiece.read_file), not the bytes:
-    # CRLF line endings or a final newline change no token id
-    theirs, ours = ([t for t, _ in sorted(WordPiece.read_file(str(v)).items(), key=lambda item: item[1])]
-                    for v in (t_vocab, vocab))
-    if theirs != ours:
-        i = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
-        a, b = (repr(t[i]) if i < len(t) else "the end of the file" for t in (theirs, ours))
+    if difference := vocab_difference(t_vocab, vocab):
         raise ValueError(f"--teacher {teacher_path}: its vocab {t_vocab} differs from the student's {vocab} at line "
-                         f"{i + 1}: {a} in the teacher's, {b} in the student's")
+                         "{}: {} in the teacher's, {} in the student's".format(*difference))
     return teacher
 
 
@@ -498,24 +491,7 @@ def load_checkpoint(name, dense=None):
         raise ValueError(f"{dense} {name}: a pruned (masked) checkpoint; this stage trains a plain BERT: compact it "
                          "first (--stage compact), then fill the compacted one")
     model = bp.load_masked(d) if (d / "scores.safetensors").exists() else BertForQuestionAnswering.from_pretrained(d)
-    vocab = d / "vocab.txt"
-    if not vocab.exists():
-        raise FileNotFoundError(f"{d}: no vocab.txt beside the weights")
-    vocab_size = (model.model if isinstance(model, bp.MaskedBert) else model).config.vocab_size
-    try:
-        n_tokens = len(vocab.read_text(encoding="utf-8").splitlines())
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{vocab}: not UTF-8 text ({e})") from None
-    if vocab_size < n_tokens:
-        raise ValueError(f"{vocab} has more tokens than the model's vocab_size {vocab_size}")
-    tc = d / "tokenizer_config.json"
-    try:
-        lowercase = json.loads(tc.read_text(encoding="utf-8")).get("do_lower_case", True) if tc.exists() else True
-        if not isinstance(lowercase, bool):  # the tokenizers library takes nothing else
-            raise ValueError(f"do_lower_case is {lowercase!r}")
-    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
-        raise ValueError(f"{tc}: expected a JSON object with do_lower_case true or false ({e})") from None
-    return model, vocab, lowercase
+    return (model, *tokenizer_files(d, (model.model if isinstance(model, bp.MaskedBert) else model).config.vocab_size))
 
 
 # ---- command line ----------------------------------------------------------------------------------
@@ -552,7 +528,7 @@ def checked(convert, ok, expected):
         try:
             value = convert(text)
             good = ok(value)
-        except ValueError:
+        except (ValueError, RuntimeError):  # torch.device("bogus") raises RuntimeError
             good = False
         if not good:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
@@ -564,9 +540,13 @@ POSITIVE = checked(int, lambda v: v > 0, "a positive integer")
 COUNT = checked(int, lambda v: v >= 0, "an integer >= 0")
 NUMBER = checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")  # NaN fails too
 TARGET = checked(lambda t: None if t == "none" else float(t), lambda v: True, "a number or 'none'")
+DEVICE = checked(torch.device,  # not meta, mps...: none of them runs this
+                 lambda d: d.type == "cpu" or d.type == "cuda" and (d.index or 0) < torch.cuda.device_count(),
+                 "'cpu', or 'cuda' / 'cuda:N' of a GPU this machine has")
 
 
-def parse_args(argv=None):
+def parser():
+    """Every flag, the paper's recipe as the defaults (docs/paper.md); presets() changes them."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # a prefix is not a flag: --mask is not --mask_scores_...
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, as every other error
@@ -628,21 +608,19 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="evaluate through torch.compile (off by default; where it cannot "
       "run: a one-line warning, then eager)")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", type=DEVICE, default="cuda" if torch.cuda.is_available() else "cpu")
     a("--seed", type=checked(int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)"), default=17)
     a("--logging_steps", type=POSITIVE, default=100)
     a("--save_steps", type=COUNT, default=1000, help="training state every N steps (0: only at the end of a stage)")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, a preset's defaults under them, and the checks that involve several flags."""
+    p = parser()
     args, _ = p.parse_known_args(argv)
     p.set_defaults(**presets()[args.preset])
     args = p.parse_args(argv)
-    try:
-        device = torch.device(args.device)
-        assert device.type in ("cpu", "cuda")  # torch knows more (meta, mps, xpu...): none of them runs this
-    except (RuntimeError, AssertionError):
-        p.error(f"--device: 'cpu', 'cuda' or 'cuda:N', got {args.device!r}")
-    args.device = device
-    if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
-        p.error(f"--device {args.device}: no such GPU here ({torch.cuda.device_count()} visible)")
     if args.precision == "auto":
         args.precision = "bf16" if args.device.type == "cuda" else "fp32"
     if not args.doc_stride < args.max_seq_length // 2:

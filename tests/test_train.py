@@ -86,10 +86,12 @@ def test_teacher_with_another_vocab_is_refused(small_run, tmp_path, shared):
     ("--learning_rate", "-1", "argument --learning_rate: expected a number >= 0, got '-1'"),
     ("--learning_rate", "nan", "argument --learning_rate: expected a number >= 0, got 'nan'"),
     ("--n_best_size", "0", "argument --n_best_size: expected a positive integer, got '0'"),
-    ("--device", "meta", "--device: 'cpu', 'cuda' or 'cuda:N', got 'meta'"),
+    ("--device", "meta", "argument --device: expected 'cpu', or 'cuda' / 'cuda:N' of a GPU this machine "
+                         "has, got 'meta'"),
     ("--max_train_questions", "0", "argument --max_train_questions: expected a positive integer"),
     ("--max_train_questions", "1000", "--max_train_questions 1000: "),
-    ("--device", "bogus", "--device: 'cpu', 'cuda' or 'cuda:N', got 'bogus'"),
+    ("--device", "bogus", "argument --device: expected 'cpu', or 'cuda' / 'cuda:N' of a GPU"),
+    ("--device", "cuda:99", "argument --device: expected 'cpu', or 'cuda' / 'cuda:N' of a GPU"),
     ("--max_seq_length", "256", "256 tokens, more than the model's max_position_embeddings 128"),
 ])
 def test_invalid_flags_are_refused_with_the_flag_named(small_run, tmp_path, flag, value, message, capsys):
