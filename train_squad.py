@@ -375,9 +375,9 @@ def cost_table(args, config, out=None):
             out.mkdir(parents=True, exist_ok=True)  # --stage all makes its subdirectories when they are used
             log(f"cost model: timing heads and FFN units on {args.device} ({args.precision}), batch "
                 f"{args.per_device_eval_batch_size} x {args.max_seq_length} tokens")
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-            atomic_write(path, json.dumps(bp.measure_costs(config, args.device, dtype, args.per_device_eval_batch_size,
-                                                           args.max_seq_length), indent=2).encode())
+            atomic_write(path, json.dumps(bp.measure_costs(config, args.device, DTYPES[args.precision],
+                                                           args.per_device_eval_batch_size, args.max_seq_length),
+                                          indent=2).encode())
         barrier()
     try:
         cost = bp.check_cost_table(json.loads(path.read_text(encoding="utf-8")), config)
@@ -399,12 +399,12 @@ def predict(args, model, features, trim=True, name=None):
     --compile runs torch.compile's kernels (its compilation counted in the first batch's seconds); where it
     cannot run (no C compiler, an unsupported GPU) a one-line warning, and the model runs as it is.
     In bf16 / fp16 a BERT runs as a copy cast to that dtype, LayerNorms and the residual stream included: under
-    autocast every LayerNorm runs in fp32 with casts around it (docs/speed.md: 3.09x for d26 over dense cast, 2.72x
-    under autocast, CPU). A MaskedBert stays under autocast: its scores must meet the threshold in fp32."""
+    autocast every LayerNorm runs in fp32 with casts around it (docs/speed.md: dense BERT-base 1.09x faster cast on
+    CPU in bf16). A MaskedBert stays under autocast: its scores must meet the threshold in fp32."""
     model.to(args.device).eval()
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    if half and isinstance(model, BertForQuestionAnswering):
-        model = copy.deepcopy(model).to(half)
+    cast = args.precision != "fp32" and isinstance(model, BertForQuestionAnswering)
+    if cast:
+        model = copy.deepcopy(model).to(DTYPES[args.precision])
     forward = torch.compile(model, dynamic=True) if getattr(args, "compile", False) else model
     N, L, B = *features["input_ids"].shape, args.per_device_eval_batch_size
     order = features["attention_mask"].sum(1).argsort() if trim else torch.arange(N)
@@ -418,7 +418,7 @@ def predict(args, model, features, trim=True, name=None):
         ids, mask, types = batches(features, idx, args.device, trim=trim)
         sync(args.device)
         t = time.perf_counter()
-        with autocast(args) if next(model.parameters()).dtype == torch.float32 else contextlib.nullcontext():
+        with contextlib.nullcontext() if cast else autocast(args):
             try:
                 s, e = forward(ids, mask, types)
             except Exception as err:  # torch.compile compiles at the first call, and fails there
@@ -752,10 +752,12 @@ def batches(features, idx, device, keys=("input_ids", "attention_mask", "token_t
     return [t if t is None else t.to(device, non_blocking=True) for t in out]
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision, resolved
+
+
 def autocast(args):
-    """bf16 (or fp16) autocast on GPU; plain fp32 on CPU."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    return torch.autocast(args.device.type, dtype=dtype, enabled=dtype is not None)
+    """bf16 (or fp16) autocast, on GPU or CPU; with fp32 none."""
+    return torch.autocast(args.device.type, dtype=DTYPES[args.precision], enabled=args.precision != "fp32")
 
 
 def check_finite(progress):
