@@ -78,8 +78,8 @@ class PruneConfig:
                 raise ValueError("--target_density and --target_speedup exclude each other: give one")
             if self.pruning_method != "sigmoid":
                 raise ValueError("--target_speedup needs --pruning_method sigmoid")
-        if self.cost is not None and not all(isinstance(self.cost.get(k), (int, float)) for k in COST_KEYS):
-            raise ValueError(f"a cost table needs the numbers {', '.join(COST_KEYS)} (blockprune.measure_costs)")
+        if self.cost is not None:
+            check_cost_table(self.cost)
 
 
 # ---- 1. blocks and scores ------------------------------------------------------------------------
@@ -512,12 +512,13 @@ def fit_costs(seconds, layers):
             "grid": [[h, n, seconds[h, n]] for h, n in grid]}
 
 
-def check_cost_table(cost, config):
-    """Refuses (ValueError) a cost table that is not one, or was measured for a model of other sizes."""
+def check_cost_table(cost, config=None):
+    """Refuses (ValueError) a cost table that is not one, or (given the model's config) was measured for a model
+    of other sizes."""
     if not isinstance(cost, dict) or not all(isinstance(cost.get(k), (int, float)) for k in COST_KEYS):
         raise ValueError(f"not a cost table: expected a JSON object with the numbers {', '.join(COST_KEYS)} "
                          "(as train_squad.py --cost_model measured saves it)")
-    for k in COST_KEYS[:3]:
+    for k in COST_KEYS[:3] if config is not None else ():
         if cost[k] != getattr(config, k):
             raise ValueError(f"measured for a model of {k} {cost[k]}, this model has {getattr(config, k)}")
     return cost
