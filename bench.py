@@ -262,13 +262,35 @@ def training_step(variant, device, dtype, B, T):
     return step
 
 
+# ops that launch no kernel: views, and a no-op `to` (operations() counts the rest)
+VIEWS = {"aten::" + n for n in ("view reshape expand expand_as detach t transpose permute as_strided slice select "
+                                "alias unsqueeze squeeze flatten split split_with_sizes unbind narrow chunk empty "
+                                "empty_strided _reshape_alias _unsafe_view lift_fresh resolve_conj resolve_neg").split()}
+
+
+def operations(fn, device):
+    """How many operations one call of fn runs: on GPU the kernels launched, on CPU the aten ops called from Python
+    (not the ones they call) that compute something (no views, VIEWS). A GPU waits on each launch about as long as a
+    small kernel runs, so a pruning step with many small ops is slow there however few FLOPs they are."""
+    from torch.profiler import ProfilerActivity, profile
+    gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        fn(), sync(device)
+    if gpu:
+        return sum("cuda" in str(e.device_type).lower() for e in prof.events())
+    return sum(e.name.startswith("aten::") and e.name not in VIEWS and not (
+        e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")) for e in prof.events())
+
+
 def bench_training(device, dtype, B, T, reps, warmup, memory=True):
     fns = {v: training_step(v, device, dtype, B, T) for v in STEPS}
     t = timeit({k: f for k, f in fns.items() if f is not None}, reps, warmup, device)
+    ops = {v: operations(fns[v], device) for v in ("ours dense", "ours prune")}
     del fns
     row = {"what": "training step", "device": device.type, "dtype": dtype, "batch": B, "seq": T, "seconds": t,
            "prune over dense": t["ours prune"] / t["ours dense"],
-           "prune + teacher forward over dense": t["ours prune + teacher"] / t["ours dense"]}
+           "prune + teacher forward over dense": t["ours prune + teacher"] / t["ours dense"],
+           "operations per step": ops, "prune over dense, operations": ops["ours prune"] / ops["ours dense"]}
     if "transformers dense" in t:
         row["ours over transformers, dense"] = t["transformers dense"] / t["ours dense"]
         row["ours over transformers, d26"] = t["transformers d26"] / t["ours d26"]
@@ -409,6 +431,8 @@ def show(row):
     head = f"{row['what']}: {row['device']} {row['dtype']}, batch {row['batch']}, length {row['seq']}"
     lines = [head] + [f"  {k:<26} {1000 * v:10.1f} ms" for k, v in row["seconds"].items()]
     lines += [f"  {k}: {v:.2f}" + ("x" if "memory" not in k else "") for k, v in row.items() if isinstance(v, float)]
+    if "operations per step" in row:
+        lines += [f"  operations per step, {k}: {v}" for k, v in row["operations per step"].items()]
     if "peak memory MB" in row:
         lines += [f"  peak memory, {k}: {v:.0f} MB" for k, v in row["peak memory MB"].items()]
     print("\n".join(lines), flush=True)

@@ -105,12 +105,29 @@ def block_shape(block, name, weight_shape, head_size):
 
 
 def expand(block_mask, weight_shape):
-    """(R/bh, C/bw) block mask -> (R, C) mask, each value repeated over its block."""
-    r, c = block_mask.shape
+    """(..., R/bh, C/bw) block mask -> (..., R, C) mask, each value repeated over its block (... : layers stacked)."""
+    *n, r, c = block_mask.shape
     R, C = weight_shape
     if not r or not c:  # a matrix of a layer with 0 heads or 0 FFN units
-        return block_mask.new_zeros(weight_shape)
-    return block_mask[:, None, :, None].expand(r, R // r, c, C // c).reshape(R, C)
+        return block_mask.new_zeros((*n, R, C))
+    return block_mask[..., :, None, :, None].expand(*n, r, R // r, c, C // c).reshape(*n, R, C)
+
+
+def layer_groups(masked):
+    """The layers in groups of one shape (the same heads and FFN width; a dense model's layers are one group). The
+    pruning code works on each group's scores stacked (`stacked`): a training step then runs each operation of the
+    masks, the regulariser and the threshold once for all layers instead of once per layer. Same values; what it
+    saves is launches: a GPU waits about as long for each launch as a small kernel runs, and the per-layer loop made a
+    pruning step 4x the operations of a dense step (bench.py counts them)."""
+    groups = {}
+    for i, layer in enumerate(masked.model.layers):
+        groups.setdefault((layer.heads, layer.ffn_in.out_features), []).append(i)
+    return list(groups.values())
+
+
+def stacked(masked, layers, name):
+    """The scores of matrix `name` ("query" ... "attn_out", "ffn") of these layers: (layers, *one layer's shape)."""
+    return torch.stack([masked.scores[f"layer{i}_{name}"] for i in layers])
 
 
 # ---- 2. masks ------------------------------------------------------------------------------------
@@ -133,8 +150,8 @@ def binarize(scores, threshold, pruning_method="sigmoid"):
 
 
 def any_per_head(mask, heads):
-    """(heads,) booleans: does each head's band of rows keep any weight?"""
-    return (mask.detach() != 0).reshape(heads, -1).any(1)
+    """(..., R, C) mask -> (..., heads) booleans: does each head's band of rows keep any weight?"""
+    return (mask.detach() != 0).reshape(*mask.shape[:-2], heads, -1).any(-1)
 
 
 def heads_alive(m, heads):
@@ -142,7 +159,7 @@ def heads_alive(m, heads):
     keep at least one weight. (A head whose Q or K is all zero would attend uniformly and still add
     the mean of V; MaskedBert switches such heads off so that compaction stays exact.)"""
     return (any_per_head(m["query"], heads) & any_per_head(m["key"], heads) & any_per_head(m["value"], heads)
-            & any_per_head(m["attn_out"].t(), heads))
+            & any_per_head(m["attn_out"].transpose(-1, -2), heads))
 
 
 class MaskedBert(nn.Module):
@@ -165,31 +182,52 @@ class MaskedBert(nn.Module):
             self.scores[f"layer{i}_ffn"] = nn.Parameter(torch.zeros(w.shape[0], device=w.device))
         keep_fraction(config, model.config)  # a speed-up beyond what the fixed costs allow: refused before training
 
-    def masks(self, threshold=None, gate=None):
-        """{parameter name: mask of its shape} for the weights and biases of every masked Linear. The V rows of
-        heads with no Q or K left are masked when `gate` (default: per config.gate_dead_heads) and always
+    def group_masks(self, threshold=None, gate=None):
+        """The masks of the weights and biases of every masked Linear, for each group of layers of one shape
+        (layer_groups), stacked: [(layers, {"query.weight": (n, R, C) masks, "query.bias": (n, R), ...})].
+        The V rows of heads with no Q or K left are masked when `gate` (default: per config.gate_dead_heads) and always
         before the biases are masked, so that their biases go too and compaction can drop such heads."""
         tau = self.threshold if threshold is None else threshold
         gating = self.config.gate_dead_heads == "always" or not self.training if gate is None else gate
-        out = {}
-        for i, layer in enumerate(self.model.layers):
-            m = {name: expand(binarize(self.scores[f"layer{i}_{name}"], tau, self.config.pruning_method),
-                              getattr(layer, name).weight.shape) for name in ATTENTION}
+        out = []
+        for group in layer_groups(self):
+            layer = self.model.layers[group[0]]
+            m = {name: expand(self.binarize(stacked(self, group, name), tau), getattr(layer, name).weight.shape)
+                 for name in ATTENTION}  # (n, R, C)
             if layer.heads and gating:  # switch off heads with no query or key left, by masking their values
-                gate = any_per_head(m["query"], layer.heads) & any_per_head(m["key"], layer.heads)
-                m["value"] = m["value"] * gate.repeat_interleave(layer.head_size).to(m["value"].dtype)[:, None]
+                gate = any_per_head(m["query"], layer.heads) & any_per_head(m["key"], layer.heads)  # (n, heads)
+                m["value"] = m["value"] * gate.repeat_interleave(layer.head_size, -1).to(m["value"].dtype)[..., None]
             # hybrid FFN: one score per unit, shared by its FFN-in row and its FFN-out column
-            u = binarize(self.scores[f"layer{i}_ffn"], tau, self.config.pruning_method)
-            m["ffn_in"] = u[:, None].expand(layer.ffn_in.weight.shape)
-            m["ffn_out"] = u[None, :].expand(layer.ffn_out.weight.shape)
+            u = self.binarize(stacked(self, group, "ffn"), tau)  # (n, units)
+            m["ffn_in"] = u[:, :, None].expand(-1, *layer.ffn_in.weight.shape)
+            m["ffn_out"] = u[:, None, :].expand(-1, *layer.ffn_out.weight.shape)
+            masks = {}
             for name, mask in m.items():
-                out[f"layers.{i}.{name}.weight"] = mask
-                # a row with no weight left gets no bias
-                out[f"layers.{i}.{name}.bias"] = (mask.detach() != 0).any(1).to(mask.dtype)
+                masks[name + ".weight"] = mask
+                masks[name + ".bias"] = (mask.detach() != 0).any(-1).to(mask.dtype)  # (n, R): no weight left, no bias
+            out.append((group, masks))
         return out
 
+    def masks(self, threshold=None, gate=None):
+        """{parameter name: mask of its shape}: group_masks, layer by layer."""
+        return {f"layers.{i}.{key}": mask for group, m in self.group_masks(threshold, gate)
+                for key, stack in m.items() for i, mask in zip(group, stack.unbind())}
+
+    def binarize(self, scores, tau):
+        """binarize() of a stack of score matrices (n, ...): elementwise with the sigmoid; topk keeps the top of each."""
+        if self.config.pruning_method == "sigmoid":
+            return binarize(scores, tau)
+        return torch.stack([binarize(s, tau, "topk") for s in scores])
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        params = {name: self.model.get_parameter(name) * mask for name, mask in self.masks().items()}
+        params = {}
+        # each weight times its mask, one product per group of layers (at the price of a copy of the weights, kept for
+        # the backward: 340 MB in fp32 for BERT-base)
+        for group, m in self.group_masks():
+            for key, mask in m.items():
+                names = [f"layers.{i}.{key}" for i in group]
+                w = torch.stack([self.model.get_parameter(n) for n in names]) * mask  # (n, R, C) or (n, R)
+                params.update(zip(names, w.unbind()))
         return torch.func.functional_call(self.model, params, (input_ids, attention_mask, token_type_ids))
 
     @torch.no_grad()
@@ -265,10 +303,11 @@ def end_of_schedule(masked, total_steps):
 def regularization(masked):
     """L1 of the masks' soft values: the mean of sigmoid(scores), averaged over the attention matrices
     and over the FFN layers, weighted (1.0 attention, 0.25 FFN in the paper's hybrid setting)."""
-    attn = [torch.sigmoid(s).mean() for k, s in masked.scores.items() if not k.endswith("_ffn")]
-    ffn = [torch.sigmoid(s).mean() for k, s in masked.scores.items() if k.endswith("_ffn")]
+    groups = layer_groups(masked)
+    attn = torch.cat([torch.sigmoid(stacked(masked, g, n)).flatten(1).mean(1) for g in groups for n in ATTENTION])
+    ffn = torch.cat([torch.sigmoid(stacked(masked, g, "ffn")).mean(1) for g in groups])  # (layers,): a mean each
     c = masked.config
-    return (c.attention_lambda * torch.stack(attn).mean() + c.ffn_lambda * torch.stack(ffn).mean()) / 2
+    return (c.attention_lambda * attn.mean() + c.ffn_lambda * ffn.mean()) / 2
 
 
 # ---- 4. distillation -----------------------------------------------------------------------------
@@ -378,18 +417,35 @@ def death_thresholds(masked, cost=None):
     c = masked.model.config
     head, unit = (cost["head"], cost["unit"]) if cost else (4 * c.attention_head_size * c.hidden_size,
                                                              2 * c.hidden_size)
-    ts, ns = [], []
-    for i, layer in enumerate(masked.model.layers):
-        u = torch.sigmoid(masked.scores[f"layer{i}_ffn"].float())
-        if layer.heads:
-            h, rows = torch.ones(layer.heads, device=u.device), layer.heads * layer.head_size
-            for name in ATTENTION:
-                s = torch.sigmoid(masked.scores[f"layer{i}_{name}"].float())
-                s = s.t() if name == "attn_out" else s  # a head is a band of columns of the output matrix
-                h = torch.minimum(h, s.repeat_interleave(rows // s.shape[0], 0).reshape(layer.heads, -1).amax(1))
-            ts.append(h), ns.append(torch.full_like(h, head, dtype=torch.float64))
-        ts.append(u), ns.append(torch.full_like(u, unit, dtype=torch.float64))
-    return torch.cat(ts), torch.cat(ns)
+    heads, units = head_death_thresholds(masked), unit_death_thresholds(masked)
+    return torch.cat([heads, units]), torch.cat([torch.full_like(heads, head, dtype=torch.float64),
+                                                 torch.full_like(units, unit, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def head_death_thresholds(masked):
+    """(all heads,), layer after layer: the threshold above which each head is pruned: the smallest of its four
+    matrices' best sigmoid(score). (The sigmoid is taken of the same stacks as in the masks, to the last bit.)"""
+    per_layer = {}
+    for group in layer_groups(masked):
+        layer = masked.model.layers[group[0]]
+        if not layer.heads:
+            continue
+        h = None
+        for name in ATTENTION:
+            s = torch.sigmoid(stacked(masked, group, name).float())  # (n, r, c)
+            s = s.transpose(1, 2) if name == "attn_out" else s  # a head is a band of columns of the output matrix
+            s = s.repeat_interleave(layer.heads * layer.head_size // s.shape[1], 1)  # (n, rows, c): blocks may span heads
+            best = s.reshape(len(group), layer.heads, -1).amax(-1)  # (n, heads)
+            h = best if h is None else torch.minimum(h, best)
+        per_layer.update(zip(group, h))
+    return torch.cat([per_layer[i] for i in sorted(per_layer)]) if per_layer else torch.zeros(0)
+
+
+@torch.no_grad()
+def unit_death_thresholds(masked):
+    """(all FFN units,), layer after layer: sigmoid(score), above which each unit is pruned."""
+    return torch.sigmoid(torch.cat([masked.scores[f"layer{i}_ffn"] for i in range(len(masked.model.layers))]).float())
 
 
 def threshold_for_density(masked, density, cost=None):
@@ -525,15 +581,14 @@ def check_cost_table(cost, config=None):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def heads_alive_at(masked, threshold):
     """(all heads,) booleans, layer after layer: the heads that compaction would keep at this threshold."""
-    alive = []
-    for i, layer in enumerate(masked.model.layers):
-        if layer.heads:
-            m = {n: expand(binarize(masked.scores[f"layer{i}_{n}"].detach(), threshold, masked.config.pruning_method),
-                           getattr(layer, n).weight.shape) for n in ATTENTION}
-            alive.append(heads_alive(m, layer.heads))
-    return torch.cat(alive) if alive else torch.zeros(0, dtype=torch.bool)
+    if masked.config.pruning_method == "sigmoid":
+        return head_death_thresholds(masked) > threshold
+    m = masked.masks(threshold, gate=False)  # topk: the top of each matrix, whatever the scores' values
+    return torch.cat([heads_alive({n: m[f"layers.{i}.{n}.weight"] for n in ATTENTION}, layer.heads)
+                      for i, layer in enumerate(masked.model.layers) if layer.heads] or [torch.zeros(0, dtype=bool)])
 
 
 @torch.no_grad()

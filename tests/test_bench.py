@@ -92,3 +92,24 @@ def test_compiled_inference_row_times_ours_only(monkeypatch):
     row = bench.bench_inference(torch.device("cpu"), "fp32", 1, 8, reps=1, warmup=0, cast=True, compiled=True)
     assert list(row["seconds"]) == ["ours dense", "ours d26"] and row["dtype"] == "fp32 cast compiled"
     assert row["d26 speed-up"] > 0 and "ours over transformers, dense" not in row
+
+
+def test_a_pruning_step_runs_its_own_ops_once_for_all_layers():
+    # what a pruning step adds to a dense one (the masks and the masked products, forward and backward), the
+    # regulariser, the target-density threshold and the heads alive: as many ops for 6 layers as for 2 (one per layer
+    # made a pruning step 4x a dense step's ops)
+    from bert import BertConfig, BertForQuestionAnswering
+    cpu, x, ops = torch.device("cpu"), torch.randint(0, 50, (1, 8)), {}
+    for layers in (2, 6):
+        config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=16)
+        masked = bp.MaskedBert(BertForQuestionAnswering(config), bp.PruneConfig(block="8x8", target_density=0.5)).train()
+
+        def step(model):
+            masked.zero_grad(set_to_none=True)
+            sum(model(x)).sum().backward()
+        ops[layers] = (bench.operations(lambda: step(masked), cpu) - bench.operations(lambda: step(masked.model), cpu),
+                       bench.operations(lambda: bp.regularization(masked), cpu),
+                       bench.operations(lambda: bp.schedule(1, masked), cpu),
+                       bench.operations(lambda: bp.heads_alive_at(masked, 0.5), cpu))
+    assert ops[6] == ops[2] and min(ops[2]) > 0
