@@ -285,7 +285,7 @@ def operations(fn, device):
 def bench_training(device, dtype, B, T, reps, warmup, memory=True):
     fns = {v: training_step(v, device, dtype, B, T) for v in STEPS}
     t = timeit({k: f for k, f in fns.items() if f is not None}, reps, warmup, device)
-    ops = {v: operations(fns[v], device) for v in ("ours dense", "ours prune")}
+    ops = {v: operations(fns[v], device) for v in ("ours dense", "transformers dense", "ours prune") if fns[v]}
     del fns
     row = {"what": "training step", "device": device.type, "dtype": dtype, "batch": B, "seq": T, "seconds": t,
            "prune over dense": t["ours prune"] / t["ours dense"],
