@@ -265,7 +265,8 @@ def training_step(variant, device, dtype, B, T):
 # ops that launch no kernel: views, and a no-op `to` (operations() counts the rest)
 VIEWS = {"aten::" + n for n in ("view reshape expand expand_as detach t transpose permute as_strided slice select "
                                 "alias unsqueeze squeeze flatten split split_with_sizes unbind narrow chunk empty "
-                                "empty_strided _reshape_alias _unsafe_view lift_fresh resolve_conj resolve_neg").split()}
+                                "empty_strided _reshape_alias _unsafe_view lift_fresh resolve_conj "
+                                "resolve_neg").split()}
 
 
 def operations(fn, device):

@@ -214,7 +214,7 @@ class MaskedBert(nn.Module):
                 for key, stack in m.items() for i, mask in zip(group, stack.unbind())}
 
     def binarize(self, scores, tau):
-        """binarize() of a stack of score matrices (n, ...): elementwise with the sigmoid; topk keeps the top of each."""
+        """binarize() of a stack of score matrices (n, ...): elementwise for the sigmoid; topk: the top of each."""
         if self.config.pruning_method == "sigmoid":
             return binarize(scores, tau)
         return torch.stack([binarize(s, tau, "topk") for s in scores])
@@ -435,7 +435,8 @@ def head_death_thresholds(masked):
         for name in ATTENTION:
             s = torch.sigmoid(stacked(masked, group, name).float())  # (n, r, c)
             s = s.transpose(1, 2) if name == "attn_out" else s  # a head is a band of columns of the output matrix
-            s = s.repeat_interleave(layer.heads * layer.head_size // s.shape[1], 1)  # (n, rows, c): blocks may span heads
+            # (n, rows, c), a row per Q/K/V row: one block may span several heads
+            s = s.repeat_interleave(layer.heads * layer.head_size // s.shape[1], 1)
             best = s.reshape(len(group), layer.heads, -1).amax(-1)  # (n, heads)
             h = best if h is None else torch.minimum(h, best)
         per_layer.update(zip(group, h))
@@ -509,8 +510,9 @@ def predicted_speedup(config, dense, cost):
 def measure_costs(config, device, dtype=torch.float32, batch=128, seq_len=384, reps=2):
     """The measured cost model, as latency-aware pruning builds it (a table of measured latencies per structure:
     Kwon et al. 2022; ZipLM, Kurtic et al. 2023): on `device`, in `dtype` (the modules cast to it, as evaluation
-    runs a model: train_squad.predict), the seconds of one forward of batch x seq_len tokens, padded (as the dev evaluation times it), through an encoder layer of
-    config's sizes with h heads and n FFN units over a grid: h = 0, H/8, H/4, H/2, H without FFN, n = N/8 .. N
+    runs a model: train_squad.predict), the seconds of one forward of batch x seq_len tokens, padded as the dev
+    evaluation's batches are, through an encoder layer of config's sizes with h heads and n FFN units over a
+    grid: h = 0, H/8, H/4, H/2, H without FFN, n = N/8 .. N
     (multiples of 8, as compact() leaves the widths) without attention, and (H, N), denser at the narrow end where
     pruned models live (on this repository's CPU an FFN unit costs less there); and through the parts outside
     the layers (embeddings, the QA head: a model of 0 layers). Least squares fits, over the grid,

@@ -103,7 +103,8 @@ def test_a_pruning_step_runs_its_own_ops_once_for_all_layers():
     for layers in (2, 6):
         config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=16)
-        masked = bp.MaskedBert(BertForQuestionAnswering(config), bp.PruneConfig(block="8x8", target_density=0.5)).train()
+        prune = bp.PruneConfig(block="8x8", target_density=0.5)
+        masked = bp.MaskedBert(BertForQuestionAnswering(config), prune).train()
 
         def step(model):
             masked.zero_grad(set_to_none=True)
