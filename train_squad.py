@@ -370,9 +370,10 @@ def cost_table(args, config, out=None):
     if args.cost_model == "flops" or not (args.cost_table or out):
         return None
     path = Path(args.cost_table) if args.cost_table else out / "cost_table.json"
+    if out and not get_rank():
+        out.mkdir(parents=True, exist_ok=True)  # --stage all makes its subdirectories when they are used
     if not args.cost_table and not (args.resume and path.exists()):
         if not get_rank():
-            out.mkdir(parents=True, exist_ok=True)  # --stage all makes its subdirectories when they are used
             log(f"cost model: timing heads and FFN units on {args.device} ({args.precision}), batch "
                 f"{args.per_device_eval_batch_size} x {args.max_seq_length} tokens")
             atomic_write(path, json.dumps(bp.measure_costs(config, args.device, DTYPES[args.precision],
@@ -383,7 +384,7 @@ def cost_table(args, config, out=None):
         cost = bp.check_cost_table(json.loads(path.read_text(encoding="utf-8")), config)
     except (OSError, ValueError) as e:  # missing, not JSON, not a table, another model's
         raise ValueError(f"{'--cost_table ' if args.cost_table else ''}{path}: {e}") from None
-    if out and args.cost_table:
+    if out and args.cost_table and not get_rank():
         atomic_write(out / "cost_table.json", json.dumps(cost, indent=2).encode())  # the table the run used, beside it
     return cost
 

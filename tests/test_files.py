@@ -190,6 +190,9 @@ def test_a_measured_cost_table_is_saved_and_a_resumed_run_prunes_by_the_same(tmp
     args.resume = True  # timed again, the table would differ, and so would the thresholds of the resumed steps
     assert ts.cost_table(args, config, tmp_path) == table_of(config) and len(calls) == 1
     assert ts.cost_table(ts.parse_args(FEW), config, tmp_path) is None  # --cost_model flops
+    args = ts.parse_args([*FEW, "--cost_model", "measured", "--cost_table", str(tmp_path / "cost_table.json")])
+    assert ts.cost_table(args, config, tmp_path / "run/pruned") == table_of(config) and len(calls) == 1  # a new dir
+    assert (tmp_path / "run/pruned/cost_table.json").read_text() == (tmp_path / "cost_table.json").read_text()
 
 
 def test_pruning_by_a_given_cost_table_meets_its_target_under_it(teacher, tmp_path):
