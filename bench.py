@@ -142,7 +142,7 @@ def bench_inference(device, dtype, B, T, reps, warmup, cast=False, compiled=Fals
     row = {"what": "inference", "device": device.type, "batch": B, "seq": T, "seconds": t,
            "dtype": dtype + (" cast" if cast else "") + (" compiled" if compiled else ""),
            "d26 speed-up": t["ours dense"] / t["ours d26"],
-           "flop bound": bp.encoder_flops(BASE, T) / bp.encoder_flops(D26, T)}
+           "flop ratio": bp.encoder_flops(BASE, T) / bp.encoder_flops(D26, T)}
     if "ours d26, paper's widths" in t:
         row["d26 speed-up, paper's widths"] = t["ours dense"] / t["ours d26, paper's widths"]
     if hf_dense is not None:
@@ -474,7 +474,7 @@ def main(argv=None):
     reps, warmup = (2, 1) if args.quick else (5, 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"), flush=True)
-    print(f"FLOP bound of d26 at length 384: {bp.encoder_flops(BASE, 384) / bp.encoder_flops(D26, 384):.2f}x "
+    print(f"FLOP ratio of d26 at length 384: {bp.encoder_flops(BASE, 384) / bp.encoder_flops(D26, 384):.2f}x "
           f"({bp.encoder_flops(D26, 384) / 1e9:.1f} of {bp.encoder_flops(BASE, 384) / 1e9:.1f} GFLOP); "
           f"the reference implementation measured {REFERENCE_SPEEDUP}x", flush=True)
     rows = []

@@ -4,9 +4,9 @@ BERT for extractive question answering, from scratch in plain PyTorch.
 One file holds the whole model: a dataclass config, the embeddings, post-LayerNorm encoder
 layers whose head count and FFN width may differ from layer to layer (what a pruned and
 compacted model needs), the QA head, and loading/saving of Hugging Face BERT checkpoints
-(safetensors read and written without the safetensors package).
-
-This file imports nothing else from the project.
+(safetensors read and written without the safetensors package). Its last section is the
+project's file plumbing (atomic writes, downloads, the hub cache), here because this file imports
+nothing else from the project and the others import it: skip it on a first read.
 """
 import hashlib
 import http.client

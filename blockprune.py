@@ -9,15 +9,17 @@ The method, top to bottom:
   2. masks: a block is kept while sigmoid(score) > threshold, with a straight-through estimator
      so that the scores learn from the task loss (movement pruning, Sanh et al. 2020);
   3. schedule: the threshold rises cubically from 0 to its final value and the L1 regulariser
-     on sigmoid(scores) is weighted by lambda, which follows the threshold;
+     on sigmoid(scores) is weighted by lambda, which rises on the same ramp;
   4. distillation from a fine-tuned teacher (Sec. 4);
   5. compaction: dead heads and FFN units are cut out, giving a smaller dense BERT whose outputs
      equal the masked model's; "filled" fine-tuning then lets the surviving heads use all weights.
 Then what is ours, not the paper's:
   6. a target density (or speed-up) instead of a final threshold: the threshold that keeps the scheduled
      fraction of the linear parameters (or of a cost model's time: FLOPs counted, or seconds measured per head
-     and FFN unit), and what training reports (heads alive, the scores' spread); the dead-head gate lives in
-     MaskedBert.masks (section 2);
+     and FFN unit), and what training reports (heads alive, the scores' spread).
+  Three more pieces of ours sit where they act, each marked "(ours)": the dead-head gate in
+  MaskedBert.group_masks (section 2), the layers' scores stacked per group of one shape (layer_groups, section 1:
+  fewer operations per step, same values) and the FFN widths rounded up to multiples of 8 in compact (section 5);
 and last the report, the pictures and the checkpoints of a masked model.
 
 Imports only bert.py; knows nothing of SQuAD.
@@ -44,11 +46,13 @@ class PruneConfig:
     # "sigmoid": keep a block while sigmoid(score) > threshold; "topk": the top (1 - threshold) of each matrix
     pruning_method: str = "sigmoid"
     final_threshold: float = 0.1  # tau_f
-    final_lambda: float = 20.0  # lambda_f; lambda(t) = lambda_f * tau(t) / tau_f
+    final_lambda: float = 20.0  # lambda_f; lambda(t) = lambda_f * ramp(t), the paper's lambda_f * tau(t) / tau_f
     attention_lambda: float = 1.0  # weight of the attention masks in the regulariser
     ffn_lambda: float = 0.25  # weight of the FFN masks
     warmup_steps: int = 0  # threshold 0 for these steps (the reference's "initial_warmup")
-    ramp_steps: int = 1  # then the cubic rise; the threshold stays at tau_f afterwards ("final_warmup")
+    # then the cubic rise (the reference's total steps - initial_warmup - final_warmup); then tau_f to the end
+    # (the reference's "final_warmup" steps)
+    ramp_steps: int = 1
     target_density: float | None = None  # instead of tau_f: the threshold that keeps this density of linear params
     target_speedup: float | None = None  # instead of tau_f: the threshold that makes the cost model's time 1 / this
     seq_len: int = 384  # the sequence length at which target_speedup counts FLOPs (--max_seq_length)
@@ -114,11 +118,11 @@ def expand(block_mask, weight_shape):
 
 
 def layer_groups(masked):
-    """The layers in groups of one shape (the same heads and FFN width; a dense model's layers are one group). The
-    pruning code works on each group's scores stacked (`stacked`): a training step then runs each operation of the
-    masks, the regulariser and the threshold once for all layers instead of once per layer. Same values; what it
-    saves is launches: a GPU waits about as long for each launch as a small kernel runs, and the per-layer loop made a
-    pruning step 4x the operations of a dense step (bench.py counts them)."""
+    """(ours) The layers in groups of one shape (the same heads and FFN width; a dense model's layers are one
+    group). The pruning code works on each group's scores stacked (`stacked`): a training step then runs each
+    operation of the masks, the regulariser and the threshold once for all layers instead of once per layer. Same
+    values; what it saves is launches: a GPU waits about as long for each launch as a small kernel runs, and the
+    per-layer loop made a pruning step 4x the operations of a dense step (bench.py counts them)."""
     groups = {}
     for i, layer in enumerate(masked.model.layers):
         groups.setdefault((layer.heads, layer.ffn_in.out_features), []).append(i)
@@ -170,7 +174,8 @@ class MaskedBert(nn.Module):
     def __init__(self, model, config):
         super().__init__()
         self.model, self.config = model, config
-        self.threshold = config.final_threshold  # evaluation always uses tau_f; training sets tau(t) each step
+        # training sets tau(t) each step; evaluation uses the schedule's end (end_of_schedule writes it into the config)
+        self.threshold = config.final_threshold
         self.scores = nn.ParameterDict()  # the paper initialises the scores at 0; on the weights' device
         for i, layer in enumerate(model.layers):
             for name in ATTENTION:
@@ -188,17 +193,17 @@ class MaskedBert(nn.Module):
         The V rows of heads with no Q or K left are masked when `gate` (default: per config.gate_dead_heads) and always
         before the biases are masked, so that their biases go too and compaction can drop such heads."""
         tau = self.threshold if threshold is None else threshold
-        gating = self.config.gate_dead_heads == "always" or not self.training if gate is None else gate
+        gating = (self.config.gate_dead_heads == "always" or not self.training) if gate is None else gate
         out = []
         for group in layer_groups(self):
             layer = self.model.layers[group[0]]
-            m = {name: expand(self.binarize(stacked(self, group, name), tau), getattr(layer, name).weight.shape)
+            m = {name: expand(self.binarize_stacked(stacked(self, group, name), tau), getattr(layer, name).weight.shape)
                  for name in ATTENTION}  # (n, R, C)
-            if layer.heads and gating:  # switch off heads with no query or key left, by masking their values
-                gate = any_per_head(m["query"], layer.heads) & any_per_head(m["key"], layer.heads)  # (n, heads)
-                m["value"] = m["value"] * gate.repeat_interleave(layer.head_size, -1).to(m["value"].dtype)[..., None]
+            if layer.heads and gating:  # (ours) switch off heads with no query or key left, by masking their values
+                alive = any_per_head(m["query"], layer.heads) & any_per_head(m["key"], layer.heads)  # (n, heads)
+                m["value"] = m["value"] * alive.repeat_interleave(layer.head_size, -1).to(m["value"].dtype)[..., None]
             # hybrid FFN: one score per unit, shared by its FFN-in row and its FFN-out column
-            u = self.binarize(stacked(self, group, "ffn"), tau)  # (n, units)
+            u = self.binarize_stacked(stacked(self, group, "ffn"), tau)  # (n, units)
             m["ffn_in"] = u[:, :, None].expand(-1, *layer.ffn_in.weight.shape)
             m["ffn_out"] = u[:, None, :].expand(-1, *layer.ffn_out.weight.shape)
             masks = {}
@@ -213,7 +218,7 @@ class MaskedBert(nn.Module):
         return {f"layers.{i}.{key}": mask for group, m in self.group_masks(threshold, gate)
                 for key, stack in m.items() for i, mask in zip(group, stack.unbind())}
 
-    def binarize(self, scores, tau):
+    def binarize_stacked(self, scores, tau):
         """binarize() of a stack of score matrices (n, ...): elementwise for the sigmoid; topk: the top of each."""
         if self.config.pruning_method == "sigmoid":
             return binarize(scores, tau)
@@ -276,7 +281,9 @@ def threshold_schedule(step, config):
 
 
 def lambda_schedule(step, config):
-    """lambda(t) = lambda_f * tau(t) / tau_f: the regulariser grows with the threshold."""
+    """lambda(t) = lambda_f * ramp(t): the regulariser grows on the threshold's ramp (the paper's
+    lambda_f * tau(t) / tau_f under its schedule; with a target density the threshold follows the density instead,
+    and lambda still the ramp)."""
     return config.final_lambda * ramp(step, config)
 
 
@@ -302,7 +309,8 @@ def end_of_schedule(masked, total_steps):
 
 def regularization(masked):
     """L1 of the masks' soft values: the mean of sigmoid(scores), averaged over the attention matrices
-    and over the FFN layers, weighted (1.0 attention, 0.25 FFN in the paper's hybrid setting)."""
+    and over the FFN layers, weighted (1.0 attention, 0.25 FFN in the paper's hybrid setting) and the two terms
+    averaged (the / 2): the reference implementation's formula (docs/paper.md)."""
     groups = layer_groups(masked)
     attn = torch.cat([torch.sigmoid(stacked(masked, g, n)).flatten(1).mean(1) for g in groups for n in ATTENTION])
     ffn = torch.cat([torch.sigmoid(stacked(masked, g, "ffn")).mean(1) for g in groups])  # (layers,): a mean each
@@ -336,12 +344,12 @@ def compact(masked, multiple=8):
     """Bake the masks (at the final threshold) into the weights and cut out what they killed: heads
     that no longer change the output and FFN units whose row and column are masked. The result is a
     plain BertForQuestionAnswering with per-layer head counts and FFN widths; a layer may keep 0 heads.
-    Each FFN width is rounded up to a multiple of `multiple` with all-zero units (GELU(0) = 0: they add
+    (ours) Each FFN width is rounded up to a multiple of `multiple` with all-zero units (GELU(0) = 0: they add
     nothing), the widths that half-precision matrix products want (tensor cores; on an H200 in bf16 d26 ran
     1.67x dense with them, 1.22x without: docs/speed.md). report() counts them apart; fill() gives them noise, so
     that the filled model trains them as units of its own.
     Why its outputs equal the masked model's exactly: a head with no Q or K left would attend uniformly
-    and add the mean of its V, so `masks` gates it off through its V (and must do so before it masks
+    and add the mean of its V, so `group_masks` gates it off through its V (and must do so before it masks
     the biases, so that the V biases go too); a head with no V or no output columns adds nothing; and
     the biases of removed rows are already zero in the masked model. An FFN unit's row and column
     share one mask, bias included, so a dead unit adds nothing either."""
@@ -533,7 +541,8 @@ def measure_costs(config, device, dtype=torch.float32, batch=128, seq_len=384, r
     x = torch.randn(batch, seq_len, config.hidden_size, device=device, dtype=dtype)  # the hidden states between layers
     outside = BertForQuestionAnswering(replace(config, num_hidden_layers=0, num_attention_heads=[],
                                                intermediate_size=[])).to(device, dtype).eval()
-    runs = {"outside": lambda: outside(ids, attend.long())}
+    mask = attend.long()
+    runs = {"outside": lambda: outside(ids, mask)}
     attend = attend[:, None, None, :]  # (B, 1, 1, T), as BertForQuestionAnswering passes it to its layers
     for h, n in grid:
         runs[h, n] = lambda layer=Layer(config, h, n).to(device, dtype).eval(): layer(x, attend)
@@ -582,7 +591,6 @@ def check_cost_table(cost, config=None):
     return cost
 
 
-@torch.no_grad()
 @torch.no_grad()
 def heads_alive_at(masked, threshold):
     """(all heads,) booleans, layer after layer: the heads that compaction would keep at this threshold."""

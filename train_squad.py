@@ -3,7 +3,7 @@ Block movement pruning on SQuAD v1.1: training (dense / prune / fill), the stage
 evaluation. The pruning method itself is all in blockprune.py, the model in bert.py, the data in squad.py.
 
     python train_squad.py                   # the paper's recipe on bert-base-uncased (needs the network, a GPU)
-    python train_squad.py --preset small    # the whole pipeline offline on CPU in about a minute
+    python train_squad.py --preset small    # the whole pipeline offline on CPU in about a minute and a half
 
 Top to bottom:
 - train: the training loop shared by fine-tuning, pruning (with distillation) and filling; qa_loss.
@@ -46,7 +46,7 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
     groups = (bp.param_groups(net, lr, args.mask_scores_learning_rate, args.weight_decay) if prune else
               [{"params": list(net.parameters()), "lr": lr, "weight_decay": args.weight_decay}])
     opt = torch.optim.AdamW(groups, eps=1e-8)
-    # linear warm-up then linear decay to 0, every group alike
+    # linear warm-up (from lr/W: one step ahead of transformers', docs/design.md) then linear decay to 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(1, warmup_steps),
                                                                  max(0.0, (total - s) / max(1, total - warmup_steps))))
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.precision == "fp16")
@@ -505,7 +505,7 @@ def presets():
         return str(shared / path) if (shared / path).exists() else elsewhere
     return {
         "paper": {},
-        "small": dict(  # offline, a few minutes on CPU: a tiny random BERT on the hand-made sample in data/
+        "small": dict(  # offline, a minute and a half on CPU: a tiny random BERT on the hand-made sample in data/
             model_name_or_path="tiny", teacher="", train_file=str(DATA_DIR / "sample-train.json"),
             dev_file=str(DATA_DIR / "sample-dev.json"), output_dir="runs/small", max_seq_length=128, doc_stride=32,
             block="8x8",  # half a 16-wide head, as the paper's 32x32 blocks are of its 64-wide heads
@@ -553,7 +553,7 @@ def parser():
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, as every other error
     a = p.add_argument
     a("--preset", choices=["paper", "small", "minilm"], default="paper",
-      help="a set of defaults: the paper's recipe, 'small' (offline, minutes on CPU) or 'minilm' (the study)")
+      help="a set of defaults: the paper's recipe, 'small' (offline, a minute or two on CPU) or 'minilm' (the study)")
     a("--stage", choices=["finetune", "prune", "compact", "fill", "eval", "all"], default="all")
     a("--model_name_or_path", default="bert-base-uncased",
       help="pretrained checkpoint (finetune, prune, all), pruned one (compact), compacted one (fill), any (eval)")
@@ -653,7 +653,8 @@ def main(argv=None):
     check_outputs(args, out)
     if args.preset == "paper" and args.stage in ("all", "prune") and args.device.type == "cpu":
         log("the paper's recipe on CPU: 20 pruning epochs of BERT-base are about 110,000 steps of 16 windows, weeks "
-            "on a CPU (docs/speed.md). --preset small runs the whole pipeline in minutes, --preset minilm the study")
+            "on a CPU (docs/speed.md). --preset small runs the whole pipeline in a minute or two, --preset minilm "
+            "the study")
     if args.stage == "all":
         return stage_all(args, out)
     stage = {"finetune": stage_finetune, "prune": stage_prune, "compact": stage_compact, "fill": stage_fill,
