@@ -553,7 +553,8 @@ def parser():
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, as every other error
     a = p.add_argument
     a("--preset", choices=["paper", "small", "minilm"], default="paper",
-      help="a set of defaults: the paper's recipe, 'small' (offline, a minute or two on CPU) or 'minilm' (the study)")
+      help="a set of defaults: the paper's recipe, 'small' (offline, about a minute and a half on CPU) or 'minilm' "
+           "(the study)")
     a("--stage", choices=["finetune", "prune", "compact", "fill", "eval", "all"], default="all")
     a("--model_name_or_path", default="bert-base-uncased",
       help="pretrained checkpoint (finetune, prune, all), pruned one (compact), compacted one (fill), any (eval)")
@@ -653,8 +654,8 @@ def main(argv=None):
     check_outputs(args, out)
     if args.preset == "paper" and args.stage in ("all", "prune") and args.device.type == "cpu":
         log("the paper's recipe on CPU: 20 pruning epochs of BERT-base are about 110,000 steps of 16 windows, weeks "
-            "on a CPU (docs/speed.md). --preset small runs the whole pipeline in a minute or two, --preset minilm "
-            "the study")
+            "on a CPU (docs/speed.md). --preset small runs the whole pipeline in about a minute and a half, "
+            "--preset minilm the study")
     if args.stage == "all":
         return stage_all(args, out)
     stage = {"finetune": stage_finetune, "prune": stage_prune, "compact": stage_compact, "fill": stage_fill,
