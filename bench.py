@@ -372,11 +372,17 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
         sys.exit(f"error: --study: the runs differ in --max_seq_length or --doc_stride ({sorted(windowing)}): "
                  "time them apart")
     (T, stride), = windowing
-    _, dev = squad.cached_features(dev_file, vocab, True, T, stride, False)
+    try:
+        _, dev = squad.cached_features(dev_file, vocab, True, T, stride, False)
+    except (OSError, ValueError) as e:  # no such file, not SQuAD, a question longer than the runs' windows
+        sys.exit(f"error: --study: --dev_file {dev_file}: {e}")
     dev = {k: v[:windows] for k, v in dev.items()}
     args = argparse.Namespace(device=cpu, precision="fp32", per_device_eval_batch_size=128)
     t = time.perf_counter()
-    cost = bp.measure_costs(models["dense"].config, cpu, torch.float32, 128, T)
+    try:
+        cost = bp.measure_costs(models["dense"].config, cpu, torch.float32, 128, T)
+    except ValueError as e:  # timings too noisy to fit
+        sys.exit(f"error: --study: {e}")
     print(f"cost model measured in {time.perf_counter() - t:.0f} s: {1e3 * cost['head']:.2f} ms a head, "
           f"{1e3 * cost['unit']:.4f} ms an FFN unit, {1e3 * cost['fixed']:.0f} ms fixed, per batch of 128", flush=True)
     seconds = {name: [] for name in models}

@@ -515,25 +515,29 @@ def predicted_speedup(config, dense, cost):
 
 
 @torch.no_grad()
-def measure_costs(config, device, dtype=torch.float32, batch=128, seq_len=384, reps=2):
+def measure_costs(config, device, dtype=torch.float32, batch=128, seq_len=384, reps=3):
     """The measured cost model, as latency-aware pruning builds it (a table of measured latencies per structure:
     Kwon et al. 2022; ZipLM, Kurtic et al. 2023): on `device`, in `dtype` (the modules cast to it, as evaluation
     runs a model: train_squad.predict), the seconds of one forward of batch x seq_len tokens, padded as the dev
     evaluation's batches are, through an encoder layer of config's sizes with h heads and n FFN units over a
     grid: h = 0, H/8, H/4, H/2, H without FFN, n = N/8 .. N
-    (multiples of 8, as compact() leaves the widths) without attention, and (H, N), denser at the narrow end where
-    pruned models live (on this repository's CPU an FFN unit costs less there); and through the parts outside
-    the layers (embeddings, the QA head: a model of 0 layers). Least squares fits, over the grid,
+    (multiples of 8, as compact() leaves the widths) without attention, and both together (H/8 with N/8 .. H with N),
+    denser at the narrow end where pruned models live (on this repository's CPU an FFN unit costs less there); and
+    through the parts outside the layers (embeddings, the QA head: a model of 0 layers). Least squares fits, over the
+    grid,
     seconds = base + (h > 0) attention + h x head + (n > 0) ffn + n x unit: a slope per head and per unit, and per
     layer a constant (LayerNorms, residuals: base) plus one for attention and one for the FFN (what they cost whatever
     their width: narrow matrix products run below the speed of wide ones). The per-layer constant base + attention
     + ffn, a layer keeping some heads and some units, and the outside make the fixed cost that no pruning removes
     (a layer left with no heads or no units is then predicted slower than it is, by attention or ffn). The
     structures take turns, reversed every other round; the fastest of `reps` rounds after a warm-up round counts
-    (a busy machine only adds time)."""
+    (a busy machine only adds time). The points with both parts pin the per-layer constant where pruned layers
+    are: with the dense layer the only one, an error there moved a 6-layer model's fixed cost six-fold
+    (docs/speed.md, "A miss")."""
     H, N = max(config.num_attention_heads), max(config.intermediate_size)
-    grid = dict.fromkeys([(0, 0)] + [(H * k // 8, 0) for k in (1, 2, 4, 8)]  # (heads, units), each once
-                         + [(0, -(-k * N // 64) * 8) for k in (1, 2, 4, 8)] + [(H, N)])
+    heads, units = [H * k // 8 for k in (1, 2, 4, 8)], [-(-k * N // 64) * 8 for k in (1, 2, 4, 8)]
+    grid = dict.fromkeys([(0, 0)] + [(h, 0) for h in heads] + [(0, n) for n in units]  # (heads, units), each once
+                         + [(h, n) for h, n in zip(heads, units) if h])
     torch.manual_seed(0)
     ids = torch.randint(config.vocab_size, (batch, seq_len), device=device)
     lengths = seq_len - torch.arange(batch, device=device) % (seq_len // 2)  # from seq_len down: a padded batch
@@ -574,6 +578,9 @@ def fit_costs(seconds, layers):
         raise ValueError(f"cost model: the layer's time does not grow with its heads and units ({head:.3g} s a head, "
                          f"{unit:.3g} s a unit): time it on a quieter machine or at a larger batch")
     layer = base + attention + ffn
+    if layer < 0:  # a fixed cost below the outside's: the noise of the timings, not a layer that costs nothing
+        raise ValueError(f"cost model: a layer's fixed cost came out negative ({layer:.3g} s): time it on a quieter "
+                         "machine or at a larger batch")
     return {"head": head, "unit": unit, "fixed": seconds["outside"] + layers * layer, "layer": layer,
             "layer_parts": {"base": base, "attention": attention, "ffn": ffn}, "outside": seconds["outside"],
             "grid": [[h, n, seconds[h, n]] for h, n in grid]}

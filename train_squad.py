@@ -376,9 +376,12 @@ def cost_table(args, config, out=None):
         if not get_rank():
             log(f"cost model: timing heads and FFN units on {args.device} ({args.precision}), batch "
                 f"{args.per_device_eval_batch_size} x {args.max_seq_length} tokens")
-            atomic_write(path, json.dumps(bp.measure_costs(config, args.device, DTYPES[args.precision],
-                                                           args.per_device_eval_batch_size, args.max_seq_length),
-                                          indent=2).encode())
+            try:
+                cost = bp.measure_costs(config, args.device, DTYPES[args.precision], args.per_device_eval_batch_size,
+                                        args.max_seq_length)
+            except ValueError as e:  # timings too noisy to fit
+                raise ValueError(f"--cost_model measured: {e}") from None
+            atomic_write(path, json.dumps(cost, indent=2).encode())
         barrier()
     try:
         cost = bp.check_cost_table(json.loads(path.read_text(encoding="utf-8")), config)

@@ -66,6 +66,14 @@ def test_study_times_each_finished_run_on_this_cpu_and_records_it(tmp_path, monk
     assert rows[1]["predicted speed-up"] == 5.0  # the run's own, from its results.json
     with pytest.raises(SystemExit, match=r"^error: --study: no results.json under \S+$"):
         bench.main(argv[:1] + [str(tmp_path / "dense")] + argv[2:])
+    monkeypatch.setattr(bp, "measure_costs", lambda *a: bp.fit_costs({(0, 0): 1, (1, 0): 0.5, "outside": 0}, 2))
+    with pytest.raises(SystemExit, match=r"^error: --study: cost model: the layer's time does not grow with its heads"):
+        bench.main(argv)
+    long_question = tmp_path / "dev.json"  # longer than the runs' 64-token windows allow
+    long_question.write_text(json.dumps({"data": [{"paragraphs": [{"context": "a b", "qas": [
+        {"id": "q1", "question": "why " * 70, "answers": [{"text": "a", "answer_start": 0}]}]}]}]}))
+    with pytest.raises(SystemExit, match=rf"^error: --study: --dev_file {long_question}: question q1 has \d+ tokens"):
+        bench.main([*argv[:-4], "--dev_file", str(long_question), *argv[-2:]])
     (run / "filled/config.json").unlink()  # an unfinished run
     with pytest.raises(SystemExit, match=r"^error: --study: \S+/filled/config.json: expected a model's config.json"):
         bench.main(argv)

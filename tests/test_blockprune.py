@@ -271,6 +271,19 @@ def test_fit_recovers_known_costs_from_synthetic_timings():
         bp.fit_costs({**faster, "outside": outside}, layers=6)
 
 
+def test_a_fit_whose_layers_cost_less_than_nothing_is_refused_as_noise():
+    # measure_costs' grid for MiniLM (12 heads, 1,536 units), timings of known costs, then the dense layer timed slow
+    # (as in docs/speed.md's d25 miss): the fit's slopes go up, its constants below zero, the fixed cost below the
+    # embeddings' alone
+    grid = [(0, 0), (1, 0), (3, 0), (6, 0), (12, 0), (0, 192), (0, 384), (0, 768), (0, 1536), (1, 192), (3, 384),
+            (6, 768), (12, 1536)]
+    seconds = {(h, n): 0.1 + 0.06 * h + 5e-4 * n for h, n in grid}
+    assert bp.fit_costs({**seconds, "outside": 0.12}, layers=6)["layer"] == pytest.approx(0.1)
+    seconds[12, 1536] += 0.9
+    with pytest.raises(ValueError, match=r"^cost model: a layer's fixed cost came out negative \(-0.0\d+ s\): time"):
+        bp.fit_costs({**seconds, "outside": 0.12}, layers=6)
+
+
 def test_measured_costs_time_the_grid_and_make_a_table_that_fits_the_model(monkeypatch):
     timed, fit = {}, bp.fit_costs
 
@@ -281,7 +294,7 @@ def test_measured_costs_time_the_grid_and_make_a_table_that_fits_the_model(monke
     c = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=100)
     table = bp.measure_costs(c, torch.device("cpu"), torch.float32, batch=4, seq_len=16)
     assert list(timed) == ["outside", (0, 0), (1, 0), (2, 0), (4, 0), (0, 16), (0, 32), (0, 56), (0, 104),
-                           (4, 100)]
+                           (1, 32), (2, 56), (4, 104)]  # (heads, units): both parts where pruned layers are
     assert all(0 < t < 10 for t in timed.values())  # FFN widths multiples of 8 as compact leaves them, and the dense
     assert bp.check_cost_table(table, c) is table and table["fixed"] == pytest.approx(1 + 2 * 0.1)
     assert (table["batch"], table["seq_len"], table["dtype"], table["head"]) == (4, 16, "float32", pytest.approx(0.01))

@@ -195,6 +195,14 @@ def test_a_measured_cost_table_is_saved_and_a_resumed_run_prunes_by_the_same(tmp
     assert (tmp_path / "run/pruned/cost_table.json").read_text() == (tmp_path / "cost_table.json").read_text()
 
 
+def test_timings_too_noisy_to_fit_are_refused_naming_the_flag_and_write_no_table(tmp_path, monkeypatch):
+    noisy = {(0, 0): 0.5, (2, 0): 0.3, (4, 0): 0.5, (0, 8): 0.4, (0, 16): 0.6, (2, 8): 0.2, (4, 16): 0.9}
+    monkeypatch.setattr(bp, "measure_costs", lambda *a: bp.fit_costs({**noisy, "outside": 0.1}, 2))
+    with pytest.raises(ValueError, match=r"^--cost_model measured: cost model: a layer's fixed cost came out negative"):
+        ts.cost_table(ts.parse_args([*FEW, "--cost_model", "measured"]), ts.load_checkpoint("tiny")[0].config, tmp_path)
+    assert not (tmp_path / "cost_table.json").exists()
+
+
 def test_pruning_by_a_given_cost_table_meets_its_target_under_it(teacher, tmp_path):
     table = tmp_path / "table.json"
     config = ts.load_checkpoint("tiny")[0].config
