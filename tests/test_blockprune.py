@@ -304,6 +304,26 @@ def test_measured_costs_time_the_grid_and_make_a_table_that_fits_the_model(monke
         bp.check_cost_table({"head": 1}, c)
 
 
+def test_timings_refused_as_noise_get_more_rounds_then_the_refusal(monkeypatch):
+    c = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=100)
+    fits, noisy = [], [2]
+
+    def fit(seconds, layers):  # refuses the first noisy[0] fits, as fit_costs refuses noise
+        fits.append(dict(seconds))
+        if len(fits) <= noisy[0]:
+            raise ValueError("cost model: noise")
+        return {"head": 1, "unit": 1, "fixed": 1}
+    monkeypatch.setattr(bp, "fit_costs", fit)
+    table = bp.measure_costs(c, torch.device("cpu"), torch.float32, batch=2, seq_len=8, reps=2)
+    assert table["rounds"] == 4 and len(fits) == 3  # fitted after rounds 2, 3 and 4 (the warm-up round 0)
+    assert all(fits[2][k] <= fits[1][k] <= fits[0][k] for k in fits[0])  # the fastest of more rounds
+    fits.clear()
+    noisy[0] = 99
+    with pytest.raises(ValueError, match="^cost model: noise$"):
+        bp.measure_costs(c, torch.device("cpu"), torch.float32, batch=2, seq_len=8, reps=2)
+    assert len(fits) == 5  # rounds 2 .. 6: at most 3 x reps
+
+
 @pytest.mark.parametrize("speedup", [1.0, 1.5, 2.5, 4.0])
 def test_a_measured_table_picks_the_structure_that_meets_the_target_under_it(speedup):
     masked = bp.MaskedBert(tiny(), bp.PruneConfig(block="head"))
