@@ -10,7 +10,8 @@ pruning training step against a dense one.
     python bench.py --study runs/minilm runs/minilm-long   # finished runs' final models, timed on this CPU
 
 Random weights: speed does not depend on them. Variants of a measurement take turns in one loop, so a
-slow moment of the machine hits them all; each figure is the median of the repeats after warm-up.
+slow moment of the machine hits them all; each figure is the median of the repeats after warm-up (the dev
+evaluation and --study: the fastest round).
 """
 import argparse
 import contextlib
@@ -39,7 +40,8 @@ BASE = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_a
 D26 = replace(BASE, num_attention_heads=[4, 4, 6, 7, 7, 5, 6, 7, 5, 5, 5, 3], attention_head_size=64,
               intermediate_size=[552, 717, 795, 789, 833, 792, 620, 466, 283, 112, 96, 238])
 # the same with each FFN width rounded up to a multiple of 8 (zero units: the same function), as blockprune.compact
-# leaves it: the widths that half-precision tensor-core matrix products want on GPU. The rows' "d26" is this one.
+# leaves it: the widths that half-precision tensor-core matrix products want on GPU. The inference and breakdown
+# rows' "d26" is this one; the training-step and dev-evaluation rows' is D26, the paper's widths.
 D26_FFN8 = replace(D26, intermediate_size=[-(-f // 8) * 8 for f in D26.intermediate_size])
 REFERENCE_SPEEDUP = 2.44  # what the paper's implementation measured for d26 on an RTX 3090
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -458,7 +460,8 @@ def main(argv=None):
     p.add_argument("--dev_file", default=str(shared / "squad/dev-v1.1.json"), help="SQuAD v1.1 dev JSON")
     p.add_argument("--vocab", default=str(shared / "models/all-MiniLM-L6-v2/vocab.txt"),
                    help="bert-base-uncased's vocab.txt (the MiniLM checkpoint's is the same file)")
-    p.add_argument("--eval_windows", type=int, help="dev windows to evaluate (default: all on GPU, 256 on CPU)")
+    p.add_argument("--eval_windows", type=int, help="dev windows to evaluate (default: all on GPU, 256 on CPU, "
+                   "16 with --quick)")
     p.add_argument("--study", nargs="+", metavar="RUN_DIR", help="only time the final models of finished runs "
                    "(every results.json under these) against --dense on this CPU; adds speedup_cpu to each")
     p.add_argument("--dense", default=str(shared / "models/all-MiniLM-L6-v2"), help="--study's dense model")

@@ -520,6 +520,6 @@ def resolve_checkpoint(name_or_dir, cache_dir=None):
             except OSError:  # older checkpoints have only the pickled weights
                 download(f"{endpoint}/{name_or_dir}/resolve/main/pytorch_model.bin", d / "pytorch_model.bin")
     except OSError as e:
-        raise OSError(f"{e}\nno network? download the checkpoint elsewhere and pass its directory "
+        raise OSError(f"{e}; no network? download the checkpoint elsewhere and pass its directory "
                       f"(config.json, vocab.txt, model.safetensors) instead of '{name_or_dir}'") from None
     return d

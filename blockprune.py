@@ -599,6 +599,10 @@ def check_cost_table(cost, config=None):
     if not isinstance(cost, dict) or not all(isinstance(cost.get(k), (int, float)) for k in COST_KEYS):
         raise ValueError(f"not a cost table: expected a JSON object with the numbers {', '.join(COST_KEYS)} "
                          "(as train_squad.py --cost_model measured saves it)")
+    bad = [k for k in ("head", "unit") if cost[k] <= 0] + [k for k in ("fixed", "layer") if cost.get(k, 0) < 0]
+    if bad:  # what fit_costs refuses, in a table edited or fitted elsewhere: no target could be met by it
+        raise ValueError(f"its {bad[0]} cost is {cost[bad[0]]}: expected head and unit costs above 0, fixed and "
+                         "layer costs not below 0")
     for k in COST_KEYS[:3] if config is not None else ():
         if cost[k] != getattr(config, k):
             raise ValueError(f"measured for a model of {k} {cost[k]}, this model has {getattr(config, k)}")

@@ -46,7 +46,11 @@ def squad_file(path_or_split):
         url = f"{base.rstrip('/')}/{name}"
     path = DATA_DIR / "squad" / name
     if not path.exists():
-        download(url, path, md5)
+        try:
+            download(url, path, md5)
+        except OSError as e:
+            raise OSError(f"{e}; no network? download it elsewhere and give its path instead of "
+                          f"'{path_or_split}'") from None
     return path
 
 

@@ -683,6 +683,14 @@ def check_outputs(args, out):
         except OSError as e:  # no permission, a read-only disk: say which flag, not a bare [Errno 13]
             raise OSError(f"{what} {d}: cannot write there ({e.strerror or e})") from None
         bert.remove_leftovers(d)  # atomic_write's temporary files, left by a process that was killed
+    if args.stage == "eval":  # its metrics.json would replace a training stage's, which --resume reads
+        try:
+            trained = "seed" in (json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("settings") or {})
+        except (OSError, ValueError, AttributeError):  # none, not JSON: nothing of a training stage to keep
+            trained = False
+        if trained:
+            raise ValueError(f"--output_dir {out}: holds a training stage's results (metrics.json), which --stage "
+                             "eval would write over: give another --output_dir")
     if args.stage != "eval":  # a stage that wrote over its own input would lose it
         for name in ("model_name_or_path", "teacher"):
             given = Path(getattr(args, name))

@@ -150,6 +150,15 @@ def test_a_stopped_run_is_never_overwritten_without_resume(teacher, stopped):
     assert (stopped / "training_state.pt").read_bytes() == state
 
 
+def test_eval_into_a_finished_training_stages_directory_is_refused(tmp_path):
+    run(tmp_path, "--stage", "finetune")
+    metrics = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match=f"^--output_dir {tmp_path}: holds a training stage's results"):
+        run(tmp_path, "--stage", "eval", "--model_name_or_path", str(tmp_path))
+    assert (tmp_path / "metrics.json").read_bytes() == metrics
+    run(tmp_path / "eval", "--stage", "eval", "--model_name_or_path", str(tmp_path))  # elsewhere, as the README says
+
+
 def test_eval_into_a_stopped_runs_directory_keeps_its_training_state(teacher, stopped):
     run(stopped, "--stage", "eval", "--model_name_or_path", str(teacher))
     assert (stopped / "training_state.pt").exists() and (stopped / "metrics.json").exists()
@@ -224,7 +233,8 @@ def test_pruning_by_a_given_cost_table_meets_its_target_under_it(teacher, tmp_pa
     ("{not JSON", "Expecting property name"),
     ('{"head": 1}', "not a cost table: expected a JSON object with the numbers hidden_size"),
     (json.dumps(table_of(bert.BertConfig(hidden_size=64, num_attention_heads=4))),
-     "measured for a model of hidden_size 64, this model has 128")])
+     "measured for a model of hidden_size 64, this model has 128"),
+    (json.dumps({**table_of(bert.BertConfig()), "layer": -0.02}), "its layer cost is -0.02: expected head and unit")])
 def test_a_cost_table_not_of_this_model_is_refused_in_one_line_naming_the_file(tmp_path, content, message):
     table = tmp_path / "table.json"
     table.write_text(content)
