@@ -210,7 +210,7 @@ def test_config_of_another_size_is_reported_in_a_few_lines_naming_the_value(tmp_
         BertForQuestionAnswering.from_pretrained(tmp_path)
     message = str(e.value)
     assert "42 tensors of another shape" in message and "config says hidden_size 64, the weights 48" in message
-    assert len(str(e.value)) < 500
+    assert len(message) < 500 and message.count("\n") <= 3
 
 
 def test_checkpoint_without_weights_names_both_accepted_files(tmp_path):
@@ -224,8 +224,9 @@ def test_checkpoint_without_weights_names_both_accepted_files(tmp_path):
 
 
 def test_sequences_longer_than_the_positions_are_refused_in_one_line():
-    with pytest.raises(ValueError, match="65 tokens, more than the model's max_position_embeddings 64"):
+    with pytest.raises(ValueError, match="65 tokens, more than the model's max_position_embeddings 64") as e:
         BertForQuestionAnswering(tiny_config())(torch.zeros(1, 65, dtype=torch.long))
+    assert "\n" not in str(e.value)
 
 
 def test_safetensors_round_trip_and_truncation_is_reported(tmp_path):

@@ -134,13 +134,15 @@ def stopped(teacher, tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("flag, value, saved", [("--learning_rate", "1e-3", "0.002"),
-                                                ("--num_train_epochs", "3", "2.0"),
-                                                ("--target_density", "0.5", "None"),
-                                                ("--cost_model", "measured", "'flops'")])
-def test_resume_with_other_settings_is_refused_naming_the_flag(teacher, stopped, flag, value, saved):
-    with pytest.raises(ValueError, match=rf"^{flag}: {stopped / 'training_state.pt'} was made with {saved}, this run"):
+@pytest.mark.parametrize("flag, value, saved, given", [("--learning_rate", "1e-3", "0.002", "0.001"),
+                                                       ("--num_train_epochs", "3", "2.0", "3.0"),
+                                                       ("--target_density", "0.5", "None", "0.5"),
+                                                       ("--cost_model", "measured", "'flops'", "'measured'")])
+def test_resume_with_other_settings_is_refused_naming_the_flag(teacher, stopped, flag, value, saved, given):
+    with pytest.raises(ValueError, match=rf"^{flag}: {stopped / 'training_state.pt'} was made with {saved}, this run "
+                                         rf"gives {given}; --resume goes on only with the same settings") as e:
         run(stopped, "--stage", "prune", "--teacher", str(teacher), "--resume", flag, value)
+    assert "\n" not in str(e.value)
 
 
 def test_a_stopped_run_is_never_overwritten_without_resume(teacher, stopped):
@@ -168,7 +170,8 @@ def test_resume_of_a_finished_stage_skips_it_and_may_change_only_what_does_not_m
     first = run(tmp_path, "--stage", "prune", "--teacher", str(teacher))
     monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("a finished stage was trained again"))
     again = run(tmp_path, "--stage", "prune", "--teacher", str(teacher), "--resume", "--logging_steps", "3",
-                "--save_steps", "7", "--per_device_eval_batch_size", "5")
+                "--save_steps", "7", "--per_device_eval_batch_size", "5", "--no_teacher_cache", "--speed_windows", "9",
+                "--device", "cpu")
     assert again == first
     with pytest.raises(ValueError, match=rf"^--final_lambda: {tmp_path / 'metrics.json'} was made with 20.0"):
         run(tmp_path, "--stage", "prune", "--teacher", str(teacher), "--resume", "--final_lambda", "10")
@@ -234,7 +237,8 @@ def test_pruning_by_a_given_cost_table_meets_its_target_under_it(teacher, tmp_pa
     ('{"head": 1}', "not a cost table: expected a JSON object with the numbers hidden_size"),
     (json.dumps(table_of(bert.BertConfig(hidden_size=64, num_attention_heads=4))),
      "measured for a model of hidden_size 64, this model has 128"),
-    (json.dumps({**table_of(bert.BertConfig()), "layer": -0.02}), "its layer cost is -0.02: expected head and unit")])
+    (json.dumps({**table_of(bert.BertConfig()), "layer": -0.02}), "its layer cost is -0.02: expected head and unit"),
+    (json.dumps(table_of(bert.BertConfig(), unit=0)), "its unit cost is 0: expected head and unit costs above 0")])
 def test_a_cost_table_not_of_this_model_is_refused_in_one_line_naming_the_file(tmp_path, content, message):
     table = tmp_path / "table.json"
     table.write_text(content)
@@ -283,5 +287,6 @@ def test_minilm_preset_without_the_shared_folder_downloads_its_files(tmp_path, m
 
 def test_a_broken_metrics_file_on_resume_is_named_in_one_line(tmp_path):
     (tmp_path / "metrics.json").write_text('{"f1": ')
-    with pytest.raises(ValueError, match=rf"^{tmp_path / 'metrics.json'}: not a metrics file \("):
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'metrics.json'}: not a metrics file \(") as e:
         run(tmp_path, "--stage", "finetune", "--resume")
+    assert "\n" not in str(e.value)

@@ -92,13 +92,29 @@ def test_teacher_with_another_vocab_is_refused(small_run, tmp_path, shared):
     ("--max_train_questions", "1000", "--max_train_questions 1000: "),
     ("--device", "bogus", "argument --device: expected 'cpu', or 'cuda' / 'cuda:N' of a GPU"),
     ("--device", "cuda:99", "argument --device: expected 'cpu', or 'cuda' / 'cuda:N' of a GPU"),
-    ("--max_seq_length", "256", "256 tokens, more than the model's max_position_embeddings 128"),
+    ("--max_seq_length", "256", "256 tokens, more than the model's max_position_embeddings 128: shorten them "
+                                "(train_squad.py: --max_seq_length)"),
+    ("--per_device_train_batch_size", "1000", "--per_device_train_batch_size 1000 x --gradient_accumulation_steps "
+                                              "1 x 1 processes is larger than the"),
+    ("--block", "32", "--block: 'RxC' (e.g. 32x32), 'row', 'col' or 'head'; got '32'"),
+    ("--pruning_method", "topk --target_density 0.5", "--target_density needs --pruning_method sigmoid"),
+    ("--pruning_method", "magnitude", "--pruning_method: 'sigmoid' or 'topk', got 'magnitude'"),
+    ("--gate_dead_heads", "never", "--gate_dead_heads: 'always' or 'eval', got 'never'"),
+    ("--cost_table", "nosuch.json --cost_model measured", "--cost_table nosuch.json: [Errno 2] No such file"),
 ])
-def test_invalid_flags_are_refused_with_the_flag_named(small_run, tmp_path, flag, value, message, capsys):
+def test_invalid_flags_are_refused_in_one_line_naming_the_flag(small_run, tmp_path, flag, value, message, capsys):
     out, _ = small_run
-    with pytest.raises((SystemExit, ValueError, OSError)) as e:
-        run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), flag, *value.split())
-    assert message in (str(e.value) + capsys.readouterr().err)
+    with pytest.raises(SystemExit) as e:  # cli: what the command line does with main's errors
+        ts.cli(["--preset", "small", "--output_dir", str(tmp_path), "--stage", "prune", "--teacher",
+                str(out / "teacher"), flag, *value.split()])
+    error = str(e.value) if e.value.code != 2 else capsys.readouterr().err.splitlines()[-1]  # 2: argparse's
+    assert re.match(r"^(\S+: )?error: ", error) and message in error and "\n" not in error
+
+
+def test_compacting_a_checkpoint_that_was_not_pruned_is_refused(small_run, tmp_path):
+    teacher = small_run[0] / "teacher"
+    with pytest.raises(ValueError, match=f"^--model_name_or_path {teacher}: compaction needs a pruned checkpoint"):
+        run(tmp_path, "--stage", "compact", "--model_name_or_path", str(teacher))
 
 
 def heads_counted(err):
@@ -158,10 +174,15 @@ def test_a_long_evaluation_says_how_far_it_is(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_training_path_runs(tmp_path, precision):
+def test_mixed_precision_training_path_runs(tmp_path, precision, monkeypatch):
     # on GPU these are the defaults (bf16) or a flag (fp16 with a gradient scaler); CPU autocast runs the same code
+    dtypes, scaled, qa_loss, scale = set(), [], ts.qa_loss, torch.amp.GradScaler.scale
+    monkeypatch.setattr(ts, "qa_loss", lambda *a: dtypes.add(torch.is_autocast_enabled("cpu") and
+                                                             torch.get_autocast_dtype("cpu")) or qa_loss(*a))
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, x: scaled.append(self.is_enabled()) or scale(self, x))
     m = run(tmp_path, "--stage", "finetune", "--finetune_epochs", "1", "--precision", precision)
-    assert m["f1"] >= 0 and (tmp_path / "model.safetensors").exists()
+    assert dtypes == {ts.DTYPES[precision]} and set(scaled) == {precision == "fp16"}  # under autocast; fp16 scaled
+    assert m["steps"] > 0 and (tmp_path / "model.safetensors").exists()
 
 
 def test_target_density_lands_within_two_points(small_run, tmp_path, capsys):
