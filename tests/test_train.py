@@ -54,11 +54,12 @@ def test_report_densities_equal_what_the_weights_hold(small_run):
     assert r["linear_params"] + r["padding_params"] == held
     dense = bp.linear_params(ts.load_checkpoint("tiny")[0].config)
     assert r["linear_density"] == pytest.approx(r["linear_params"] / dense)
-    assert [x["heads"] for x in r["layers"]] == filled.config.num_attention_heads
     masked = bp.load_masked(out / "pruned")
     s = masked.structure(masked.config.final_threshold)
     assert s["heads"] == filled.config.num_attention_heads and s["ffn"] == [x["ffn"] for x in r["layers"]]
     assert filled.config.intermediate_size == [-(-f // 8) * 8 for f in s["ffn"]]
+    hidden = filled.config.hidden_size  # a padding unit: a row of ffn_in and a column of ffn_out
+    assert r["padding_params"] == 2 * hidden * sum(filled.config.intermediate_size) - 2 * hidden * sum(s["ffn"])
 
 
 def test_large_lambda_removes_whole_heads_and_ffn_units(small_run, tmp_path):
