@@ -145,6 +145,13 @@ def test_resume_with_other_settings_is_refused_naming_the_flag(teacher, stopped,
     assert "\n" not in str(e.value)
 
 
+def test_resume_under_another_number_of_torchrun_processes_is_refused(stopped):
+    saved = ts.read_state(stopped / "training_state.pt", mmap=True)["settings"]
+    assert saved["processes"] == 1  # saved as the flags are (its refusal under torchrun itself: not run here)
+    with pytest.raises(ValueError, match=r"^torchrun processes: .* was made with 1, this run gives 2; --resume"):
+        ts.same_settings(stopped / "training_state.pt", saved, {**saved, "processes": 2})
+
+
 def test_a_stopped_run_is_never_overwritten_without_resume(teacher, stopped):
     state = (stopped / "training_state.pt").read_bytes()
     with pytest.raises(ValueError, match="the training state of a stopped run: --resume continues it"):
