@@ -266,8 +266,12 @@ def test_transformers_teacher_runs_through_our_training_loop(tmp_path, shared):
     m = teacher_parity.main(["--preset", "small", "--model_name_or_path",
                              str(shared / "models/paraphrase-MiniLM-L3-v2"), "--output_dir", str(tmp_path),
                              "--finetune_epochs", "1"])
-    assert 0 <= m["f1"] <= 100
-    assert (tmp_path / "predictions.json").exists() and (tmp_path / "model.safetensors").exists()
+    assert m["steps"] > 0 and (tmp_path / "predictions.json").exists()
+    import transformers  # the model that was trained and saved is transformers', its weights moved by the steps
+    before, after = (transformers.BertForQuestionAnswering.from_pretrained(d).state_dict()
+                     for d in (shared / "models/paraphrase-MiniLM-L3-v2", tmp_path))
+    k = "bert.encoder.layer.0.attention.self.query.weight"
+    assert after.keys() == before.keys() and not torch.equal(after[k], before[k])
 
 
 def test_pruning_steps_never_wait_for_the_device_between_logging_steps(small_run, tmp_path, monkeypatch):
