@@ -99,6 +99,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(teacher, tm
         run(tmp_path, "--teacher", str(teacher))
 
 
+def test_an_output_directory_that_cannot_be_made_is_refused_naming_the_flag(tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    out = tmp_path / "file" / "run"  # under a file: mkdir fails as it would on a read-only disk
+    with pytest.raises(OSError, match=rf"^--output_dir {out}: cannot write there \(.+\)$"):
+        run(out)
+
+
 def test_temporary_files_of_a_killed_process_are_cleaned_up(tmp_path):
     dead, alive = tmp_path / ".training_state.pt.tmp999999999", tmp_path / f".metrics.json.tmp{os.getpid()}"
     dead.write_bytes(b"half"), alive.write_bytes(b"being written")
