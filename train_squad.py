@@ -466,14 +466,20 @@ def eval_key(args):
 def evaluated(args, model_dir):
     """model_dir's metrics.json when it was made on this dev set with these settings (eval_key), else None:
     --stage all then does not evaluate a given --teacher again (11 minutes on CPU for the MiniLM study)."""
-    try:
-        metrics = json.loads((model_dir / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # a hub name, no metrics, not JSON
-        return None
-    if isinstance(metrics, dict) and metrics.get("evaluated_on") == eval_key(args):
+    metrics = saved_metrics(model_dir)
+    if metrics.get("evaluated_on") == eval_key(args):
         log(f"--teacher {model_dir}: its metrics.json is of this dev set and these settings; not evaluated again")
         return metrics
     return None
+
+
+def saved_metrics(d):
+    """d's metrics.json as a dict; {} where there is none or it is not a JSON object (a hub name, cut off)."""
+    try:
+        metrics = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
 
 
 # ---- models ----------------------------------------------------------------------------------------
@@ -683,14 +689,9 @@ def check_outputs(args, out):
         except OSError as e:  # no permission, a read-only disk: say which flag, not a bare [Errno 13]
             raise OSError(f"{what} {d}: cannot write there ({e.strerror or e})") from None
         bert.remove_leftovers(d)  # atomic_write's temporary files, left by a process that was killed
-    if args.stage == "eval":  # its metrics.json would replace a training stage's, which --resume reads
-        try:
-            trained = "seed" in (json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("settings") or {})
-        except (OSError, ValueError, AttributeError):  # none, not JSON: nothing of a training stage to keep
-            trained = False
-        if trained:
-            raise ValueError(f"--output_dir {out}: holds a training stage's results (metrics.json), which --stage "
-                             "eval would write over: give another --output_dir")
+    if args.stage == "eval" and "seed" in (saved_metrics(out).get("settings") or {}):  # what --resume reads
+        raise ValueError(f"--output_dir {out}: holds a training stage's results (metrics.json), which --stage "
+                         "eval would write over: give another --output_dir")
     if args.stage != "eval":  # a stage that wrote over its own input would lose it
         for name in ("model_name_or_path", "teacher"):
             given = Path(getattr(args, name))

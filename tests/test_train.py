@@ -180,7 +180,8 @@ def test_mixed_precision_training_path_runs(tmp_path, precision, monkeypatch):
     dtypes, scaled, qa_loss, scale = set(), [], ts.qa_loss, torch.amp.GradScaler.scale
     monkeypatch.setattr(ts, "qa_loss", lambda *a: dtypes.add(torch.is_autocast_enabled("cpu") and
                                                              torch.get_autocast_dtype("cpu")) or qa_loss(*a))
-    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, x: scaled.append(self.is_enabled()) or scale(self, x))
+    monkeypatch.setattr(torch.amp.GradScaler, "scale",
+                        lambda self, x: scaled.append(self.is_enabled()) or scale(self, x))
     m = run(tmp_path, "--stage", "finetune", "--finetune_epochs", "1", "--precision", precision)
     assert dtypes == {ts.DTYPES[precision]} and set(scaled) == {precision == "fp16"}  # under autocast; fp16 scaled
     assert m["steps"] > 0 and (tmp_path / "model.safetensors").exists()
