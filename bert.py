@@ -473,7 +473,8 @@ def finish_write(d):
 
 
 def download(url, path, md5=None):
-    """Download url to path (atomically), checking the length and, if given, the md5."""
+    """Download url to path (atomically), checking the length and, if given, the md5. An unreachable url
+    raises ConnectionError (where the callers suggest a manual download); a cut-off or corrupt file, OSError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -488,7 +489,7 @@ def download(url, path, md5=None):
                     h.update(chunk)
                     got += len(chunk)
         except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, IncompleteRead
-            raise OSError(f"could not download {url}: {getattr(e, 'reason', None) or e}") from None
+            raise ConnectionError(f"could not download {url}: {getattr(e, 'reason', None) or e}") from None
         if expected >= 0 and got != expected:
             raise OSError(f"download of {url} cut off after {got} of {expected} bytes; nothing saved")
         if md5 is not None and h.hexdigest() != md5:
@@ -517,9 +518,9 @@ def resolve_checkpoint(name_or_dir, cache_dir=None):
         if not ((d / "model.safetensors").exists() or (d / "pytorch_model.bin").exists()):
             try:
                 download(f"{endpoint}/{name_or_dir}/resolve/main/model.safetensors", d / "model.safetensors")
-            except OSError:  # older checkpoints have only the pickled weights
+            except ConnectionError:  # not there: older checkpoints have only the pickled weights
                 download(f"{endpoint}/{name_or_dir}/resolve/main/pytorch_model.bin", d / "pytorch_model.bin")
-    except OSError as e:
-        raise OSError(f"{e}; no network? download the checkpoint elsewhere and pass its directory "
-                      f"(config.json, vocab.txt, model.safetensors) instead of '{name_or_dir}'") from None
+    except ConnectionError as e:
+        raise ConnectionError(f"{e}; no network? download the checkpoint elsewhere and pass its directory "
+                              f"(config.json, vocab.txt, model.safetensors) instead of '{name_or_dir}'") from None
     return d

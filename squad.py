@@ -48,8 +48,8 @@ def squad_file(path_or_split):
     if not path.exists():
         try:
             download(url, path, md5)
-        except OSError as e:
-            raise OSError(f"{e}; no network? download it elsewhere and give its path instead of "
+        except ConnectionError as e:
+            raise ConnectionError(f"{e}; no network? download it elsewhere and give its path instead of "
                           f"'{path_or_split}'") from None
     return path
 
