@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import sys
+import urllib.error
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass
@@ -473,23 +474,31 @@ def finish_write(d):
 
 
 def download(url, path, md5=None):
-    """Download url to path (atomically), checking the length and, if given, the md5. An unreachable url
-    raises ConnectionError (where the callers suggest a manual download); a cut-off or corrupt file, OSError."""
+    """Download url to path (atomically), checking the length and, if given, the md5. A file the server does not
+    have raises FileNotFoundError; a server that cannot be reached, ConnectionError (the callers suggest a manual
+    download); a download cut off, corrupt or that cannot be written, OSError. Nothing is saved then."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     log(f"downloading {url} -> {path}")
     try:
-        got, h = 0, hashlib.md5()
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                expected = int(r.headers.get("Content-Length") or -1)
+            r = urllib.request.urlopen(url, timeout=60)
+        except urllib.error.HTTPError as e:  # the server answered: no such file (404), or it refuses
+            raise (FileNotFoundError if e.code == 404 else ConnectionError)(
+                f"could not download {url}: HTTP {e.code} {e.reason}") from None
+        except (OSError, http.client.HTTPException) as e:  # URLError (no route, refused), a timeout
+            raise ConnectionError(f"could not download {url}: {getattr(e, 'reason', None) or e}") from None
+        got, h = 0, hashlib.md5()
+        with r, open(tmp, "wb") as f:
+            expected = int(r.headers.get("Content-Length") or -1)
+            try:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     h.update(chunk)
                     got += len(chunk)
-        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, IncompleteRead
-            raise ConnectionError(f"could not download {url}: {getattr(e, 'reason', None) or e}") from None
+            except (OSError, http.client.HTTPException) as e:  # reset or timed out mid-way, IncompleteRead, disk full
+                raise OSError(f"download of {url} stopped after {got} bytes ({e!r}); nothing saved") from None
         if expected >= 0 and got != expected:
             raise OSError(f"download of {url} cut off after {got} of {expected} bytes; nothing saved")
         if md5 is not None and h.hexdigest() != md5:
@@ -518,8 +527,11 @@ def resolve_checkpoint(name_or_dir, cache_dir=None):
         if not ((d / "model.safetensors").exists() or (d / "pytorch_model.bin").exists()):
             try:
                 download(f"{endpoint}/{name_or_dir}/resolve/main/model.safetensors", d / "model.safetensors")
-            except ConnectionError:  # not there: older checkpoints have only the pickled weights
+            except FileNotFoundError:  # older checkpoints have only the pickled weights
                 download(f"{endpoint}/{name_or_dir}/resolve/main/pytorch_model.bin", d / "pytorch_model.bin")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}: is '{name_or_dir}' a checkpoint's name on {endpoint}? or pass a checkpoint "
+                                "directory") from None
     except ConnectionError as e:
         raise ConnectionError(f"{e}; no network? download the checkpoint elsewhere and pass its directory "
                               f"(config.json, vocab.txt, model.safetensors) instead of '{name_or_dir}'") from None

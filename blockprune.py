@@ -596,8 +596,10 @@ def fit_costs(seconds, layers):
 def check_cost_table(cost, config=None):
     """Refuses (ValueError) a cost table that is not one, or (given the model's config) was measured for a model
     of other sizes."""
-    if not isinstance(cost, dict) or not all(isinstance(cost.get(k), (int, float)) for k in COST_KEYS):
-        raise ValueError(f"not a cost table: expected a JSON object with the numbers {', '.join(COST_KEYS)} "
+    def number(x):  # json reads NaN and Infinity, under which every comparison below would pass
+        return type(x) in (int, float) and math.isfinite(x)
+    if not (isinstance(cost, dict) and all(number(cost.get(k)) for k in COST_KEYS) and number(cost.get("layer", 0))):
+        raise ValueError(f"not a cost table: expected a JSON object with the finite numbers {', '.join(COST_KEYS)} "
                          "(as train_squad.py --cost_model measured saves it)")
     bad = [k for k in ("head", "unit") if cost[k] <= 0] + [k for k in ("fixed", "layer") if cost.get(k, 0) < 0]
     if bad:  # what fit_costs refuses, in a table edited or fitted elsewhere: no target could be met by it

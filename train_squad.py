@@ -297,10 +297,8 @@ def once(args, d, fn, *inputs):
     if args.resume and state.exists():
         same_settings(state, read_state(state, mmap=True).get("settings"), settings)
     elif args.resume and metrics.exists():
-        try:
-            done = json.loads(metrics.read_text(encoding="utf-8"))
-        except ValueError as e:  # cut off by hand, not UTF-8: name the file
-            raise ValueError(f"{metrics}: not a metrics file ({e}); run without --resume to redo the stage") from None
+        if not (done := saved_metrics(d)):  # cut off by hand, not UTF-8, not a JSON object: name the file
+            raise ValueError(f"{metrics}: not a metrics file; run without --resume to redo the stage")
         same_settings(metrics, done.get("settings"), settings)
         log(f"{d}: done already, skipped")
         return done
@@ -335,7 +333,7 @@ def stage_settings(args, stage):
 
 
 def same_settings(path, saved, settings):
-    if saved is None:
+    if not isinstance(saved, dict):
         raise ValueError(f"{path}: made by an older version, which did not record its settings: --resume cannot "
                          "check it; run without --resume to start the stage afresh")
     for k, v in settings.items():
@@ -363,16 +361,19 @@ def prune_config(args, features=None, cost=None):
 
 
 def cost_table(args, config, out=None):
-    """--cost_model measured: the table of --cost_table, of this stage's earlier start (--resume: the same table, or
-    the schedule would change), or measured now on the run's device and precision at --per_device_eval_batch_size x
-    --max_seq_length (by the first process, under torchrun); saved in out as cost_table.json. Without out: only a
-    --cost_table, checked. None for FLOPs."""
+    """--cost_model measured: the table of --cost_table, or measured now on the run's device and precision at
+    --per_device_eval_batch_size x --max_seq_length (by the first process, under torchrun); saved in out as
+    cost_table.json. A resumed training state goes on by the table it started with (another would change the
+    schedule): that saved table, or a --cost_table equal to it. Without out: only a --cost_table, checked. None for
+    FLOPs."""
     if args.cost_model == "flops" or not (args.cost_table or out):
         return None
-    path = Path(args.cost_table) if args.cost_table else out / "cost_table.json"
+    saved = out / "cost_table.json" if out else None
+    resumed = bool(out and args.resume and (out / "training_state.pt").exists())  # its settings were checked
+    path = Path(args.cost_table) if args.cost_table else saved
     if out and not get_rank():
         out.mkdir(parents=True, exist_ok=True)  # --stage all makes its subdirectories when they are used
-    if not args.cost_table and not (args.resume and path.exists()):
+    if not args.cost_table and not resumed:
         if not get_rank():
             log(f"cost model: timing heads and FFN units on {args.device} ({args.precision}), batch "
                 f"{args.per_device_eval_batch_size} x {args.max_seq_length} tokens")
@@ -385,10 +386,14 @@ def cost_table(args, config, out=None):
         barrier()
     try:
         cost = bp.check_cost_table(json.loads(path.read_text(encoding="utf-8")), config)
+        started = json.loads(saved.read_text(encoding="utf-8")) if resumed and args.cost_table else cost
     except (OSError, ValueError) as e:  # missing, not JSON, not a table, another model's
         raise ValueError(f"{'--cost_table ' if args.cost_table else ''}{path}: {e}") from None
+    if started != cost:
+        raise ValueError(f"--cost_table {path}: not the table {saved} this stage started with; --resume goes on "
+                         "only with the same table: give that one, or run without --resume to start afresh")
     if out and args.cost_table and not get_rank():
-        atomic_write(out / "cost_table.json", json.dumps(cost, indent=2).encode())  # the table the run used, beside it
+        atomic_write(saved, json.dumps(cost, indent=2).encode())  # the table the run used, beside it
     return cost
 
 
@@ -689,9 +694,9 @@ def check_outputs(args, out):
         except OSError as e:  # no permission, a read-only disk: say which flag, not a bare [Errno 13]
             raise OSError(f"{what} {d}: cannot write there ({e.strerror or e})") from None
         bert.remove_leftovers(d)  # atomic_write's temporary files, left by a process that was killed
-    if args.stage == "eval" and "seed" in (saved_metrics(out).get("settings") or {}):  # what --resume reads
+    if args.stage in ("eval", "compact") and "seed" in (saved_metrics(out).get("settings") or {}):  # --resume's
         raise ValueError(f"--output_dir {out}: holds a training stage's results (metrics.json), which --stage "
-                         "eval would write over: give another --output_dir")
+                         f"{args.stage} would write over: give another --output_dir")
     if args.stage != "eval":  # a stage that wrote over its own input would lose it
         for name in ("model_name_or_path", "teacher"):
             given = Path(getattr(args, name))

@@ -299,8 +299,18 @@ def test_hub_download_cut_off_leaves_no_file(tmp_path, http_server, monkeypatch)
     monkeypatch.setenv("HF_ENDPOINT", http_server(files))
     with pytest.raises(OSError, match=r"model.safetensors cut off after \d+ of \d+ bytes; nothing saved$"):
         BertForQuestionAnswering.from_pretrained("org/tiny-bert", cache_dir=tmp_path / "cache")
+    assert not any(r.endswith("pytorch_model.bin") for r in http_server.requests)  # no fallback past the failure
     left = [p.name for p in (tmp_path / "cache" / "org--tiny-bert").iterdir()]
     assert "model.safetensors" not in left and not any("tmp" in n for n in left)
+
+
+def test_a_name_not_on_the_hub_is_said_so_not_blamed_on_the_network(tmp_path, http_server, monkeypatch):
+    endpoint = http_server({})  # every path 404
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with pytest.raises(FileNotFoundError, match=rf"^could not download {endpoint}/org/bert-base-uncasd/resolve/main/"
+                                                rf"config.json: HTTP 404 .*: is 'org/bert-base-uncasd' a checkpoint's "
+                                                rf"name on {endpoint}\? or pass a checkpoint directory$"):
+        BertForQuestionAnswering.from_pretrained("org/bert-base-uncasd", cache_dir=tmp_path)
 
 
 def test_offline_hub_name_names_the_url_and_the_way_out(tmp_path, monkeypatch):

@@ -166,13 +166,16 @@ def test_a_stopped_run_is_never_overwritten_without_resume(teacher, stopped):
     assert (stopped / "training_state.pt").read_bytes() == state
 
 
-def test_eval_into_a_finished_training_stages_directory_is_refused(tmp_path):
+def test_eval_or_compact_into_a_finished_training_stages_directory_is_refused(tmp_path):
     run(tmp_path, "--stage", "finetune")
     metrics = (tmp_path / "metrics.json").read_bytes()
     with pytest.raises(ValueError, match=f"^--output_dir {tmp_path}: holds a training stage's results"):
         run(tmp_path, "--stage", "eval", "--model_name_or_path", str(tmp_path))
     assert (tmp_path / "metrics.json").read_bytes() == metrics
     run(tmp_path / "eval", "--stage", "eval", "--model_name_or_path", str(tmp_path))  # elsewhere, as the README says
+    with pytest.raises(ValueError, match=f"^--output_dir {tmp_path}: holds .* which --stage compact would write over"):
+        run(tmp_path, "--stage", "compact", "--model_name_or_path", str(tmp_path))  # compact's save_pretrained too
+    assert (tmp_path / "metrics.json").read_bytes() == metrics
 
 
 def test_eval_into_a_stopped_runs_directory_keeps_its_training_state(teacher, stopped):
@@ -213,12 +216,19 @@ def test_a_measured_cost_table_is_saved_and_a_resumed_run_prunes_by_the_same(tmp
     assert ts.cost_table(args, config, tmp_path) == table_of(config) == json.loads(
         (tmp_path / "cost_table.json").read_text())
     assert calls == [("cpu", torch.float32, 64, 128)]  # the small preset's eval batch and length, fp32 on CPU
-    args.resume = True  # timed again, the table would differ, and so would the thresholds of the resumed steps
-    assert ts.cost_table(args, config, tmp_path) == table_of(config) and len(calls) == 1
+    args.resume = True  # no training state: nothing to go on from, so a fresh start is timed afresh
+    assert ts.cost_table(args, config, tmp_path) == table_of(config) and len(calls) == 2
+    (tmp_path / "training_state.pt").touch()  # timed again, the table would differ, and so would the thresholds
+    assert ts.cost_table(args, config, tmp_path) == table_of(config) and len(calls) == 2  # of the resumed steps
     assert ts.cost_table(ts.parse_args(FEW), config, tmp_path) is None  # --cost_model flops
     args = ts.parse_args([*FEW, "--cost_model", "measured", "--cost_table", str(tmp_path / "cost_table.json")])
-    assert ts.cost_table(args, config, tmp_path / "run/pruned") == table_of(config) and len(calls) == 1  # a new dir
+    assert ts.cost_table(args, config, tmp_path / "run/pruned") == table_of(config) and len(calls) == 2  # a new dir
     assert (tmp_path / "run/pruned/cost_table.json").read_text() == (tmp_path / "cost_table.json").read_text()
+    other = tmp_path / "other.json"  # a resumed state goes on only by the table it started with
+    other.write_text(json.dumps(table_of(config, head=3e-3)))
+    args = ts.parse_args([*FEW, "--cost_model", "measured", "--cost_table", str(other), "--resume"])
+    with pytest.raises(ValueError, match=f"^--cost_table {other}: not the table {tmp_path / 'cost_table.json'} this"):
+        ts.cost_table(args, config, tmp_path)
 
 
 def test_timings_too_noisy_to_fit_are_refused_naming_the_flag_and_write_no_table(tmp_path, monkeypatch):
@@ -248,7 +258,9 @@ def test_pruning_by_a_given_cost_table_meets_its_target_under_it(teacher, tmp_pa
 
 @pytest.mark.parametrize("content, message", [
     ("{not JSON", "Expecting property name"),
-    ('{"head": 1}', "not a cost table: expected a JSON object with the numbers hidden_size"),
+    ('{"head": 1}', "not a cost table: expected a JSON object with the finite numbers hidden_size"),
+    *[(json.dumps(table_of(bert.BertConfig(), **bad)), "not a cost table")  # NaN and Infinity: json reads them
+      for bad in ({"head": float("nan")}, {"fixed": float("inf")}, {"unit": True}, {"layer": None})],
     (json.dumps(table_of(bert.BertConfig(hidden_size=64, num_attention_heads=4))),
      "measured for a model of hidden_size 64, this model has 128"),
     (json.dumps({**table_of(bert.BertConfig()), "layer": -0.02}), "its layer cost is -0.02: expected head and unit"),
@@ -299,8 +311,9 @@ def test_minilm_preset_without_the_shared_folder_downloads_its_files(tmp_path, m
     assert examples == every[:100] and features["example_index"].max() == 99  # the file's first 100, in order
 
 
-def test_a_broken_metrics_file_on_resume_is_named_in_one_line(tmp_path):
-    (tmp_path / "metrics.json").write_text('{"f1": ')
-    with pytest.raises(ValueError, match=rf"^{tmp_path / 'metrics.json'}: not a metrics file \(") as e:
+@pytest.mark.parametrize("content", ['{"f1": ', "[]", '{"f1": 1, "settings": []}'])  # cut off; JSON, not a dict
+def test_a_broken_metrics_file_on_resume_is_named_in_one_line(tmp_path, content):
+    (tmp_path / "metrics.json").write_text(content)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'metrics.json'}: (not a metrics file|made by an older)") as e:
         run(tmp_path, "--stage", "finetune", "--resume")
     assert "\n" not in str(e.value)
