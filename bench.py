@@ -7,7 +7,7 @@ pruning training step against a dense one.
     python bench.py --quick           # about a minute on 2 CPU cores: shorter sequences, fewer repeats
     python bench.py --json bench.json # also save the rows
     python bench.py --device cuda     # only the GPU's rows (the CPU's take minutes of a lent GPU's time)
-    python bench.py --study runs/minilm runs/minilm-long   # finished runs' final models, timed on this CPU
+    python bench.py --study runs/minilm runs/d25-4x-eval   # finished runs' final models, timed on this CPU
 
 Random weights: speed does not depend on them. Variants of a measurement take turns in one loop, so a
 slow moment of the machine hits them all; each figure is the median of the repeats after warm-up (the dev

@@ -1,7 +1,7 @@
 """
 The study's two plots (docs/study.md), from the results.json of runs made by `train_squad.py --stage all`:
 
-    python docs/plot_study.py runs/minilm/d50 runs/minilm/d25 runs/minilm-long ...   # -> docs/*.png
+    python docs/plot_study.py runs/minilm/d50 runs/minilm/d25 runs/d25-4x-eval ...   # -> docs/*.png
 
 - f1-speedup.png: F1 lost against the dense teacher per measured speed-up, every run given, with the paper's
   BERT-base points;
