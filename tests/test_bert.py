@@ -304,6 +304,31 @@ def test_hub_download_cut_off_leaves_no_file(tmp_path, http_server, monkeypatch)
     assert "model.safetensors" not in left and not any("tmp" in n for n in left)
 
 
+def test_a_download_reset_midway_is_no_network_error_and_no_reason_to_fall_back(tmp_path, http_server, monkeypatch):
+    _, files = hub_files(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", http_server(files))
+    urlopen = bert.urllib.request.urlopen
+
+    def reset_after_a_chunk(url, timeout):  # the server's answer, then the connection reset inside the weights
+        r = urlopen(url, timeout=timeout)
+        if url.endswith("model.safetensors"):
+            first = [r.read(100)]
+
+            def read(n):
+                if first:
+                    return first.pop()
+                raise ConnectionResetError(104, "Connection reset by peer")
+            r.read = read
+        return r
+    monkeypatch.setattr(bert.urllib.request, "urlopen", reset_after_a_chunk)
+    with pytest.raises(OSError, match=r"model.safetensors stopped after 100 bytes \(ConnectionResetError.*; nothing "
+                                      r"saved$") as e:
+        BertForQuestionAnswering.from_pretrained("org/tiny-bert", cache_dir=tmp_path / "cache")
+    assert not isinstance(e.value, ConnectionError) and "no network" not in str(e.value)
+    assert not any(r.endswith("pytorch_model.bin") for r in http_server.requests)
+    assert not (tmp_path / "cache/org--tiny-bert/model.safetensors").exists()
+
+
 def test_a_name_not_on_the_hub_is_said_so_not_blamed_on_the_network(tmp_path, http_server, monkeypatch):
     endpoint = http_server({})  # every path 404
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
