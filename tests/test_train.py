@@ -427,7 +427,7 @@ def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tm
     start.save_pretrained(tmp_path / "start", vocab)
     flags = ["--preset", "small", "--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"),
              "--finetune_epochs", "2"]
-    ts.main([*flags, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"])
+    m = ts.main([*flags, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"])
     p = torchrun(*flags, "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "8")
     assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
     one, two = (BertForQuestionAnswering.from_pretrained(tmp_path / d).eval() for d in ("one", "two"))
@@ -441,7 +441,9 @@ def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tm
     with torch.no_grad():
         for a, b in zip(one(*x), two(*x)):  # logits up to a shift of the whole row, which softmax ignores
             torch.testing.assert_close(b - b.mean(1, keepdim=True), a - a.mean(1, keepdim=True), atol=1e-4, rtol=0)
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["f1"] >= 0
+    got = json.loads((tmp_path / "two" / "metrics.json").read_text())  # the first process evaluated every question
+    questions = len(squad.load_squad(ts.DATA_DIR / "sample-dev.json"))
+    assert abs(got["f1"] - m["f1"]) <= 100 / questions and abs(got["exact_match"] - m["exact_match"]) <= 100 / questions
 
 
 def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
