@@ -747,20 +747,23 @@ def total_steps(args, features, epochs):
 def get_batch(args, features, step, micro):
     """This process's windows of micro-batch `micro` of a step, as a dict of tensors on the device. The
     data order is a function of (seed, epoch), so a resumed run sees the same batches; under torchrun
-    each process takes its slice of the global batch, all cut to the global batch's longest window."""
+    each process takes its slice of the global batch. All are cut to the longest window of the step's whole
+    batch: the QA head's softmax runs over every position, padding too, so a micro-batch or a process cut
+    shorter would compute another loss than one batch of them all."""
     B, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
     world, rank = world_size(), get_rank()
     epoch, i = divmod(step, steps_per_epoch(args, features))
     order = torch.randperm(len(features["input_ids"]), generator=torch.Generator().manual_seed(args.seed + epoch))
-    batch = order[(i * accum + micro) * B * world:(i * accum + micro + 1) * B * world]
+    whole = order[i * accum * B * world:(i + 1) * accum * B * world]  # the step's windows, all micro-batches
+    batch = whole[micro * B * world:(micro + 1) * B * world]
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions",
                         "teacher_start", "teacher_end") if k in features]
-    return dict(zip(keys, batches(features, batch[rank * B:(rank + 1) * B], args.device, keys, like=batch)))
+    return dict(zip(keys, batches(features, batch[rank * B:(rank + 1) * B], args.device, keys, like=whole)))
 
 
 def batches(features, idx, device, keys=("input_ids", "attention_mask", "token_type_ids"), trim=True, like=None):
-    """The windows idx, cut to the longest of them (or of the windows `like`: the global batch under
-    torchrun). Padding holds no answer and attention never looks at it; SQuAD windows average 175 of
+    """The windows idx, cut to the longest of them (or of the windows `like`: the step's whole batch, get_batch).
+    Padding holds no answer and attention never looks at it; SQuAD windows average 175 of
     384 tokens, so cutting it halves the work. A batch left without padding gets attention_mask None: the
     model then needs no mask, and asks the device nothing (the windows are still on the host here)."""
     out = [features[k][idx] for k in keys]

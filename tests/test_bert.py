@@ -147,6 +147,17 @@ def test_layers_without_attention_or_ffn_keep_bias_residual_and_layernorm():
     assert torch.isfinite(s).all()
 
 
+@pytest.mark.parametrize("hidden, attention", [(0.1, 0.0), (0.0, 0.1)])
+def test_dropout_acts_in_training_only_on_the_hidden_states_and_the_attention(hidden, attention):
+    model = random_weights(BertForQuestionAnswering(tiny_config(hidden_dropout_prob=hidden,
+                                                                attention_probs_dropout_prob=attention)))
+    ids, mask, types = batch(99)
+    with torch.no_grad():
+        evaluated = [model.eval()(ids, mask, types)[0] for _ in range(2)]
+        trained = [model.train()(ids, mask, types)[0] for _ in range(2)]
+    assert torch.equal(*evaluated) and not torch.equal(*trained) and not torch.equal(trained[0], evaluated[0])
+
+
 def test_uneven_checkpoint_round_trips(tmp_path):
     model = random_weights(BertForQuestionAnswering(tiny_config(
         num_attention_heads=[0, 3, 4], intermediate_size=[12, 0, 80], attention_head_size=12)))

@@ -108,15 +108,21 @@ def test_regularizer_weights_attention_and_ffn():
     assert bp.regularization(masked).item() == pytest.approx((1.0 * 1 + 0.25 * 0.5) / 2)
 
 
-def test_distillation_loss_is_ce_when_teacher_agrees_and_alpha_ce_is_one():
-    s, e = torch.randn(4, 10), torch.randn(4, 10)
-    pos = torch.tensor([1, 2, 3, 0])
-    ce = (torch.nn.functional.cross_entropy(s, pos) + torch.nn.functional.cross_entropy(e, pos)) / 2
-    assert float(bp.distillation_loss(s, e, s, e, pos, pos, 2.0, 0.9, 0.1)) == pytest.approx(0.1 * float(ce), abs=1e-6)
-    t = torch.randn(4, 10)
-    kd = torch.nn.functional.kl_div((s / 2).log_softmax(-1), (t / 2).softmax(-1), reduction="batchmean") * 4
-    got = bp.distillation_loss(s, s, t, t, pos, pos, 2.0, 1.0, 0.0)
-    assert float(got) == pytest.approx(float(kd), rel=1e-5)
+def test_distillation_loss_is_the_papers_mix_of_kl_and_ce_over_start_and_end():
+    torch.manual_seed(0)
+    s, e, ts_, te = (torch.randn(4, 10, dtype=torch.float64) for _ in range(4))  # four different logits
+    sp, ep = torch.tensor([1, 2, 3, 0]), torch.tensor([5, 6, 7, 9])
+
+    def kl(teacher, student, T=2.0):  # KL(teacher || student) at temperature T, by hand, averaged over the batch
+        p, q = (teacher / T).softmax(-1), (student / T).softmax(-1)
+        return (p * (p / q).log()).sum(-1).mean()
+
+    def ce(logits, pos):
+        return -logits.log_softmax(-1)[torch.arange(4), pos].mean()
+    want = 0.9 * (kl(ts_, s) + kl(te, e)) / 2 * 2.0 ** 2 + 0.1 * (ce(s, sp) + ce(e, ep)) / 2
+    assert float(bp.distillation_loss(s, e, ts_, te, sp, ep, 2.0, 0.9, 0.1)) == pytest.approx(float(want), rel=1e-12)
+    assert float(bp.distillation_loss(s, e, s, e, sp, ep, 2.0, 0.9, 0.1)) == pytest.approx(  # a teacher that agrees
+        0.1 * float(ce(s, sp) + ce(e, ep)) / 2, abs=1e-12)
 
 
 def test_param_groups_give_scores_their_own_lr_and_no_decay():
@@ -142,6 +148,30 @@ def random_masks(masked):
         masked.scores["layer2_ffn"].fill_(-5)  # layer 2: no FFN at all
         masked.scores["layer1_ffn"][:20].fill_(-5)
     masked.threshold = masked.config.final_threshold
+
+
+@pytest.mark.parametrize("gate", ["eval", "always"])
+def test_dead_heads_are_gated_in_training_only_when_always_and_in_evaluation_either_way(gate):
+    masked = bp.MaskedBert(tiny(), bp.PruneConfig(block="16x8", gate_dead_heads=gate))
+    random_masks(masked)  # layer 0: head 0 has no query left, head 1 no key
+    for training in (True, False):
+        v = masked.train(training).masks()["layers.0.value.weight"]
+        gated = gate == "always" or not training
+        assert (v[:32] == 0).all() == gated  # heads 0, 1: V rows 0 .. 31 (head size 16)
+        assert (v[48:64] != 0).any()  # head 3 lives either way
+
+
+def test_topk_keeps_its_share_of_each_matrix_not_of_the_stack_of_layers():
+    masked = bp.MaskedBert(tiny(layers=3), bp.PruneConfig(block="16x16", pruning_method="topk"))
+    with torch.no_grad():
+        for i in range(3):  # layer 2's scores all above layer 0's: a top-k over the stack would empty layer 0
+            masked.scores[f"layer{i}_query"].copy_(torch.randn(4, 4) + 10 * i)
+    m = masked.masks(threshold=0.75)
+    for i in range(3):
+        blocks = m[f"layers.{i}.query.weight"][::16, ::16]  # one entry per 16x16 block
+        assert int(blocks.sum()) == math.ceil(0.25 * 16)
+        assert torch.equal(blocks.bool(), masked.scores[f"layer{i}_query"] >= masked.scores[f"layer{i}_query"]
+                           .flatten().topk(4).values[-1])
 
 
 def test_compacted_model_gives_the_masked_models_logits():
@@ -291,10 +321,19 @@ def test_measured_costs_time_the_grid_and_make_a_table_that_fits_the_model(monke
         timed.update(seconds)
         return fit({k: 1 if k == "outside" else 0.1 + 0.01 * k[0] + 0.001 * k[1] for k in seconds}, layers)
     monkeypatch.setattr(bp, "fit_costs", known_costs)
+    ran = []
+
+    class Recorded(bp.Layer):  # which layer each timing ran: (heads, FFN units)
+        def forward(self, x, attend):
+            ran.append((self.heads, self.ffn_in.out_features))
+            return super().forward(x, attend)
+    monkeypatch.setattr(bp, "Layer", Recorded)
     c = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=100)
     table = bp.measure_costs(c, torch.device("cpu"), torch.float32, batch=4, seq_len=16)
     assert list(timed) == ["outside", (0, 0), (1, 0), (2, 0), (4, 0), (0, 16), (0, 32), (0, 56), (0, 104),
                            (1, 32), (2, 56), (4, 104)]  # (heads, units): both parts where pruned layers are
+    grid = list(timed)[1:]  # each key timed a layer of its own shape: rounds 0 .. rounds, every other one reversed
+    assert ran == [k for r in range(table["rounds"] + 1) for k in (grid if r % 2 else grid[::-1])]
     assert all(0 < t < 10 for t in timed.values())  # FFN widths multiples of 8 as compact leaves them, and the dense
     assert bp.check_cost_table(table, c) is table and table["fixed"] == pytest.approx(1 + 2 * 0.1)
     assert (table["batch"], table["seq_len"], table["dtype"], table["head"]) == (4, 16, "float32", pytest.approx(0.01))

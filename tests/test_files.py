@@ -85,11 +85,12 @@ def test_a_write_that_fails_names_the_file_and_leaves_nothing_behind(tmp_path, m
 # ---- outputs and inputs, checked before any work -------------------------------------------------------
 
 def test_a_stage_that_would_write_over_its_input_is_refused(teacher, tmp_path):
+    before = {p.name: p.read_bytes() for p in teacher.iterdir()}
     with pytest.raises(ValueError, match=f"would write over --model_name_or_path {teacher}"):
-        run(teacher, "--stage", "compact", "--model_name_or_path", str(teacher))
+        run(teacher, "--stage", "prune", "--model_name_or_path", str(teacher), "--teacher", str(tmp_path / "t"))
     with pytest.raises(ValueError, match=f"would write over --teacher {teacher}"):
         run(teacher, "--stage", "prune", "--teacher", str(teacher))
-    assert ts.load_checkpoint(str(teacher))[0] is not None
+    assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before  # nothing lost
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(teacher, tmp_path, monkeypatch):
@@ -139,6 +140,18 @@ def stopped(teacher, tmp_path, monkeypatch):
     monkeypatch.setattr(bp, "regularization", regularization)
     assert (tmp_path / "training_state.pt").exists()
     return tmp_path
+
+
+def test_every_flag_is_checked_on_resume_or_named_as_one_that_may_change():
+    args = ts.parse_args(["--preset", "small"])
+    settings = {s: ts.stage_settings(args, s) for s in ("finetune", "prune", "fill", "eval")}
+    may_change = {"save_steps", "logging_steps", "device", "per_device_eval_batch_size", "no_teacher_cache",
+                  "speed_windows", "compile"}  # a new flag must go into stage_settings or, said so, here
+    assert set(vars(args)) - set().union(*settings.values()) == may_change | {"output_dir", "preset", "resume", "stage"}
+    assert all(f"--{k}" in ts.stage_settings.__doc__ for k in may_change)
+    for k in settings["prune"]:  # each one changed is refused, naming it
+        with pytest.raises(ValueError, match=f"^{'torchrun processes' if k == 'processes' else '--' + k}: x was made"):
+            ts.same_settings("x", {**settings["prune"], k: "another"}, settings["prune"])
 
 
 @pytest.mark.parametrize("flag, value, saved, given", [("--learning_rate", "1e-3", "0.002", "0.001"),

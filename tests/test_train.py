@@ -36,11 +36,12 @@ def test_small_preset_runs_finetune_prune_compact_fill_eval(small_run):
             ts.DATA_DIR / "sample-dev.json")}
     assert results["teacher"]["f1"] > 15  # a tiny BERT from scratch learns the sample: well above chance
     assert results["filled"]["f1"] > 10
-    assert json.loads((out / "results.json").read_text())["speedup"] == results["speedup"] > 0
+    assert json.loads((out / "results.json").read_text())["speedup"] == results["speedup"]
     r = results["structure"]
     assert r["max_logit_difference_from_masked"] < 1e-5
     assert r["linear_density"] < 0.9  # something was pruned
-    assert r["head_pruning"]["heads_total"] == 16 and 0 <= r["head_pruning"]["fraction_in_removed_heads"] <= 1
+    h = r["head_pruning"]  # the paper's pattern, at toy scale: some heads removed whole, holding some of the pruning
+    assert h["heads_total"] == 16 and h["heads_removed"] > 0 and 0 < h["fraction_in_removed_heads"] < 1
     if importlib.util.find_spec("matplotlib"):
         assert (out / "compact" / "heads.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -112,6 +113,15 @@ def test_invalid_flags_are_refused_in_one_line_naming_the_flag(small_run, tmp_pa
     assert re.match(r"^(\S+: )?error: ", error) and message in error and "\n" not in error
 
 
+def test_the_pruning_schedule_in_steps_follows_the_epoch_flags():
+    args = ts.parse_args(["--preset", "small", "--num_train_epochs", "5", "--initial_warmup", "1",
+                          "--final_warmup", "1.5", "--per_device_train_batch_size", "16"])
+    c = ts.prune_config(args, {"input_ids": torch.zeros(170, 1)})  # 10 steps an epoch (the last 10 windows left out)
+    assert (c.warmup_steps, c.ramp_steps) == (10, 50 - 10 - 15)  # tau 0 for an epoch; the cubic ramp; 1.5 at the end
+    ramp = [bp.ramp(t, c) for t in (9, 10, 10 + 25 // 2, 35, 49)]
+    assert ramp[:2] == [0, 0] and 0.8 < ramp[2] < 0.9 and ramp[3:] == [1, 1]  # cubic: 1 - (1 - 12/25)^3 = 0.86
+
+
 def test_compacting_a_checkpoint_that_was_not_pruned_is_refused(small_run, tmp_path):
     teacher = small_run[0] / "teacher"
     with pytest.raises(ValueError, match=f"^--model_name_or_path {teacher}: compaction needs a pruned checkpoint"):
@@ -126,9 +136,10 @@ def heads_counted(err):
 def test_killed_pruning_run_resumes_as_if_never_stopped(small_run, tmp_path, monkeypatch, capsys):
     flags = ["--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--num_train_epochs", "3",
              "--initial_warmup", "1", "--final_warmup", "1", "--save_steps", "10"]
+    regularization, steps = bp.regularization, []  # one call a step
+    monkeypatch.setattr(bp, "regularization", lambda masked: steps.append(1) or regularization(masked))
     run(tmp_path / "whole", *flags)
-    whole = heads_counted(capsys.readouterr().err)
-    regularization, calls = bp.regularization, []
+    whole, calls = heads_counted(capsys.readouterr().err), []
 
     def crash(masked):  # Ctrl-C in the middle of a step, past a saved state
         calls.append(1)
@@ -140,10 +151,14 @@ def test_killed_pruning_run_resumes_as_if_never_stopped(small_run, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "killed", *flags)
     assert (tmp_path / "killed" / "training_state.pt").exists()
-    monkeypatch.setattr(bp, "regularization", regularization)
+    resumed = []
+    monkeypatch.setattr(bp, "regularization", lambda masked: resumed.append(1) or regularization(masked))
     capsys.readouterr()
     run(tmp_path / "killed", *flags, "--resume")
-    assert heads_counted(capsys.readouterr().err) == whole  # the heads' counts went on from the saved state
+    err = capsys.readouterr().err
+    assert f"prune: resumed from {tmp_path / 'killed' / 'training_state.pt'} at step 10" in err
+    assert len(resumed) == len(steps) - 10  # it went on from step 10: not a rerun from 0, which would end the same
+    assert heads_counted(err) == whole  # the heads' counts went on from the saved state
     a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "killed")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
@@ -236,12 +251,13 @@ def test_target_speedup_lands_on_its_flops_and_is_measured(small_run, tmp_path):
         "--initial_warmup", "1", "--final_warmup", "1", "--fill_epochs", "1")
     results = json.loads((tmp_path / "results.json").read_text())
     r = results["structure"]  # the compact stage's report.json, FLOPs counted at the small preset's length 128
-    assert r["predicted_speedup"] == pytest.approx(1.8, rel=0.05) and results["speedup"] > 0
+    assert r["predicted_speedup"] == pytest.approx(1.8, rel=0.05) and results["speedup"] > 1
     assert r["predicted_speedup"] == r["flops_dense"] / r["flops"] and r["seq_len"] == 128
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])  # SIGINT: Ctrl-C
-def test_stop_signal_saves_the_state_and_resume_finishes_as_if_never_stopped(small_run, tmp_path, signal_name):
+def test_stop_signal_saves_the_state_and_resume_finishes_as_if_never_stopped(small_run, tmp_path, signal_name,
+                                                                             capsys):
     flags = ["--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--num_train_epochs", "3",
              "--initial_warmup", "1", "--final_warmup", "1", "--save_steps", "0", "--logging_steps", "5"]
     run(tmp_path / "whole", *flags)
@@ -255,7 +271,10 @@ def test_stop_signal_saves_the_state_and_resume_finishes_as_if_never_stopped(sma
     assert p.wait(timeout=120) == 1 and f"stopped by {signal_name} after step" in err and "--resume" in err
     stopped = tmp_path / "stopped"
     assert (stopped / "training_state.pt").exists() and not (stopped / "scores.safetensors").exists()
+    step = re.search(rf"stopped by {signal_name} after step (\d+)", err)[1]
+    capsys.readouterr()
     run(tmp_path / "stopped", *flags, "--resume")
+    assert f"resumed from {stopped / 'training_state.pt'} at step {step}" in capsys.readouterr().err
     a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "stopped")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
@@ -419,6 +438,23 @@ def torchrun(*flags):
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
 
 
+def test_a_first_signal_asks_to_stop_and_a_second_ctrl_c_stops_at_once():
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    with ts.stop_signals("prune") as stop:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # SIGTERM again: still the step's end
+        assert stop == ["SIGTERM", "SIGTERM"]
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C after a request to stop: now
+    with ts.stop_signals("prune") as stop:
+        signal.raise_signal(signal.SIGINT)  # a first Ctrl-C only asks
+        assert stop == ["SIGINT"]
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tmp_path):
     from dataclasses import replace
     model, vocab, _ = ts.load_checkpoint("tiny")  # without dropout, whose random draws differ per process
@@ -446,6 +482,22 @@ def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tm
     assert abs(got["f1"] - m["f1"]) <= 100 / questions and abs(got["exact_match"] - m["exact_match"]) <= 100 / questions
 
 
+def test_gradient_accumulation_takes_the_steps_of_the_whole_batch(tmp_path):
+    from dataclasses import replace
+    model, vocab, _ = ts.load_checkpoint("tiny")  # without dropout, whose random draws differ with the batch size
+    start = BertForQuestionAnswering(replace(model.config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    start.load_state_dict(model.state_dict())
+    start.save_pretrained(tmp_path / "start", vocab)
+    flags = ["--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"), "--finetune_epochs", "1"]
+    run(tmp_path / "one", *flags, "--per_device_train_batch_size", "16")
+    run(tmp_path / "accum", *flags, "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2")
+    one, accum = (BertForQuestionAnswering.from_pretrained(tmp_path / d) for d in ("one", "accum"))
+    assert not torch.equal(one.qa_outputs.weight, start.qa_outputs.weight)  # it trained
+    for (k, a), b in zip(one.state_dict().items(), accum.state_dict().values()):
+        if a.dim() == 2:  # (as under torchrun: the key biases get rounding noise only, which Adam scales up)
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=k)
+
+
 def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
     model, vocab, _ = ts.load_checkpoint("tiny")  # with dropout: each process's generator must come back
     model.save_pretrained(tmp_path / "start", vocab)
@@ -458,8 +510,11 @@ def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
         if line.startswith("finetune step"):
             p.send_signal(__import__("signal").SIGTERM)  # in step 2 of 120; torchrun passes it on to both processes
             break
-    assert p.wait(timeout=300) != 0 and "stopped by SIGTERM after step" in p.stderr.read()
-    assert torchrun(*flags, "--output_dir", str(tmp_path / "stopped"), "--resume").wait(timeout=300) == 0
+    err = p.stderr.read()
+    assert p.wait(timeout=300) != 0 and (step := re.search(r"stopped by SIGTERM after step (\d+)", err))
+    resume = torchrun(*flags, "--output_dir", str(tmp_path / "stopped"), "--resume")
+    err = resume.communicate(timeout=300)[1]
+    assert resume.returncode == 0 and f"at step {step[1]}" in err  # resumed, not retrained from step 0
     a, b = (BertForQuestionAnswering.from_pretrained(tmp_path / d) for d in ("whole", "stopped"))
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
@@ -481,7 +536,7 @@ def test_whole_recipe_runs_under_torchrun(tmp_path):
                  "--final_warmup", "0.5", "--fill_epochs", "1", "--target_density", "0.5")
     assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["structure"]["linear_density"] == pytest.approx(0.5, abs=0.02) and results["speedup"] > 0
+    assert results["structure"]["linear_density"] == pytest.approx(0.5, abs=0.02) and results["speedup"] > 1
 
 
 def test_cached_teacher_logits_give_the_live_teachers_losses_scores_and_f1(small_run, tmp_path, monkeypatch):
