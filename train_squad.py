@@ -271,9 +271,10 @@ def stage_all(args, out):
     if args.speed_windows:
         dev = {k: v[:args.speed_windows] for k, v in dev.items()}
     # the two models take turns over the same padded dev windows; the fastest of 3 rounds each (machines are noisy)
-    t_dense, t_final = (min(ts) for ts in zip(*[(predict(args, dense, dev, trim=False)[2],
-                                                 predict(args, final, dev, trim=False)[2])
-                                                for _ in range(3)]))
+    log(f"speed: the teacher and the final model take turns over {len(dev['input_ids'])} dev windows, 3 rounds")
+    t_dense, t_final = (min(ts) for ts in zip(*[[predict(args, m, dev, trim=False, name=f"speed {r}/3: {name}")[2]
+                                                 for name, m in (("teacher", dense), ("final", final))]
+                                                for r in range(1, 4)]))
     results["speedup"] = t_dense / t_final
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     s, r = results["filled"], results["structure"]
