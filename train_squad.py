@@ -272,10 +272,11 @@ def stage_all(args, out):
         dev = {k: v[:args.speed_windows] for k, v in dev.items()}
     # the two models take turns over the same padded dev windows; the fastest of 3 rounds each (machines are noisy)
     log(f"speed: the teacher and the final model take turns over {len(dev['input_ids'])} dev windows, 3 rounds")
-    t_dense, t_final = (min(ts) for ts in zip(*[[predict(args, m, dev, trim=False, name=f"speed {r}/3: {name}")[2]
-                                                 for name, m in (("teacher", dense), ("final", final))]
-                                                for r in range(1, 4)]))
-    results["speedup"] = t_dense / t_final
+    seconds = {"teacher": [], "final": []}
+    for r in range(1, 4):
+        for name, m in (("teacher", dense), ("final", final)):
+            seconds[name].append(predict(args, m, dev, trim=False, name=f"speed {r}/3: {name}")[2])
+    results["speedup"] = min(seconds["teacher"]) / min(seconds["final"])
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     s, r = results["filled"], results["structure"]
     bp.plot_report(r, out / "compact" / "structure.png", results["speedup"])  # again, with the measured speed-up

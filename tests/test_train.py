@@ -133,6 +133,30 @@ def heads_counted(err):
     return re.findall(r"\(died (\d+), came back (\d+)\)", err)[-1]
 
 
+def assert_same_bits(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def assert_same_steps(a, b):
+    """The weights of two runs that took the same steps, up to the order of the sums. (Biases with no effect on the
+    loss, like the key biases, get pure rounding noise as gradient, which Adam scales up: they are left out.)"""
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        if x.dim() == 2:
+            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4, msg=k)
+
+
+def dropout_free_start(tmp_path):
+    """The small preset's tiny BERT without dropout (whose random draws differ with the batch's split), saved in
+    tmp_path/start; returns it and its vocab file."""
+    from dataclasses import replace
+    model, vocab, _ = ts.load_checkpoint("tiny")
+    start = BertForQuestionAnswering(replace(model.config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    start.load_state_dict(model.state_dict())
+    start.save_pretrained(tmp_path / "start", vocab)
+    return start, vocab
+
+
 def test_killed_pruning_run_resumes_as_if_never_stopped(small_run, tmp_path, monkeypatch, capsys):
     flags = ["--stage", "prune", "--teacher", str(small_run[0] / "teacher"), "--num_train_epochs", "3",
              "--initial_warmup", "1", "--final_warmup", "1", "--save_steps", "10"]
@@ -163,8 +187,7 @@ def test_killed_pruning_run_resumes_as_if_never_stopped(small_run, tmp_path, mon
     assert len(steps) == whole_steps - saved  # it went on from there: not a rerun from 0, which would end the same
     assert heads_counted(err) == whole  # the heads' counts went on from the saved state
     a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "killed")
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(x, y), name
+    assert_same_bits(a, b)
 
 
 def test_default_recipe_without_network_fails_fast_naming_the_url(tmp_path):
@@ -279,8 +302,7 @@ def test_stop_signal_saves_the_state_and_resume_finishes_as_if_never_stopped(sma
     run(tmp_path / "stopped", *flags, "--resume")
     assert f"resumed from {stopped / 'training_state.pt'} at step {step}" in capsys.readouterr().err
     a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "stopped")
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(x, y), name
+    assert_same_bits(a, b)
 
 
 def test_transformers_teacher_runs_through_our_training_loop(tmp_path, shared):
@@ -459,22 +481,14 @@ def test_a_first_signal_asks_to_stop_and_a_second_ctrl_c_stops_at_once():
 
 
 def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tmp_path):
-    from dataclasses import replace
-    model, vocab, _ = ts.load_checkpoint("tiny")  # without dropout, whose random draws differ per process
-    start = BertForQuestionAnswering(replace(model.config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    start.load_state_dict(model.state_dict())
-    start.save_pretrained(tmp_path / "start", vocab)
+    _, vocab = dropout_free_start(tmp_path)
     flags = ["--preset", "small", "--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"),
              "--finetune_epochs", "2"]
     m = ts.main([*flags, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"])
     p = torchrun(*flags, "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "8")
     assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
     one, two = (BertForQuestionAnswering.from_pretrained(tmp_path / d).eval() for d in ("one", "two"))
-    # the same steps; only the order of the gradient sums differs. (Biases with no effect on the loss,
-    # like the key biases, get pure rounding noise as gradient, which Adam scales up: they are left out.)
-    for (k, a), b in zip(one.state_dict().items(), two.state_dict().values()):
-        if a.dim() == 2:
-            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=k)
+    assert_same_steps(one, two)  # only the order of the gradient sums differs
     _, dev = squad.cached_features(ts.DATA_DIR / "sample-dev.json", vocab, True, 128, 32, False)
     x = [dev[k][:32] for k in ("input_ids", "attention_mask", "token_type_ids")]
     with torch.no_grad():
@@ -486,19 +500,13 @@ def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tm
 
 
 def test_gradient_accumulation_takes_the_steps_of_the_whole_batch(tmp_path):
-    from dataclasses import replace
-    model, vocab, _ = ts.load_checkpoint("tiny")  # without dropout, whose random draws differ with the batch size
-    start = BertForQuestionAnswering(replace(model.config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    start.load_state_dict(model.state_dict())
-    start.save_pretrained(tmp_path / "start", vocab)
+    start, _ = dropout_free_start(tmp_path)
     flags = ["--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"), "--finetune_epochs", "1"]
     run(tmp_path / "one", *flags, "--per_device_train_batch_size", "16")
     run(tmp_path / "accum", *flags, "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2")
     one, accum = (BertForQuestionAnswering.from_pretrained(tmp_path / d) for d in ("one", "accum"))
     assert not torch.equal(one.qa_outputs.weight, start.qa_outputs.weight)  # it trained
-    for (k, a), b in zip(one.state_dict().items(), accum.state_dict().values()):
-        if a.dim() == 2:  # (as under torchrun: the key biases get rounding noise only, which Adam scales up)
-            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=k)
+    assert_same_steps(one, accum)
 
 
 def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
@@ -519,8 +527,7 @@ def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
     err = resume.communicate(timeout=300)[1]
     assert resume.returncode == 0 and f"at step {step[1]}" in err  # resumed, not retrained from step 0
     a, b = (BertForQuestionAnswering.from_pretrained(tmp_path / d) for d in ("whole", "stopped"))
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(x, y), name
+    assert_same_bits(a, b)
 
 
 def test_more_processes_than_gpus_are_refused_in_one_line(tmp_path, monkeypatch):
