@@ -32,7 +32,9 @@ import torch.nn.functional as F
 
 import bert
 import blockprune as bp
+import cost_model as cm
 from bert import BertConfig, BertForQuestionAnswering
+from files import atomic_write
 
 BASE = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                   intermediate_size=3072)
@@ -67,7 +69,7 @@ def transformers_twin(model):
         att.self.query, att.self.key, att.self.value = nn.Linear(h, d), nn.Linear(h, d), nn.Linear(h, d)
         att.output.dense = nn.Linear(d, h)
         layer.intermediate.dense, layer.output.dense = nn.Linear(h, ffn), nn.Linear(ffn, h)
-    hf.load_state_dict({bert.to_hf_name(k): v for k, v in model.state_dict().items()})
+    hf.load_state_dict(bert.hf_state_dict(model))
     return hf.eval().to(next(model.parameters()).device)
 
 
@@ -144,7 +146,7 @@ def bench_inference(device, dtype, B, T, reps, warmup, cast=False, compiled=Fals
     row = {"what": "inference", "device": device.type, "batch": B, "seq": T, "seconds": t,
            "dtype": dtype + (" cast" if cast else "") + (" compiled" if compiled else ""),
            "d26 speed-up": t["ours dense"] / t["ours d26"],
-           "flop ratio": bp.encoder_flops(BASE, T) / bp.encoder_flops(D26, T)}
+           "flop ratio": cm.encoder_flops(BASE, T) / cm.encoder_flops(D26, T)}
     if "ours d26, paper's widths" in t:
         row["d26 speed-up, paper's widths"] = t["ours dense"] / t["ours d26, paper's widths"]
     if hf_dense is not None:
@@ -231,7 +233,7 @@ def training_step(variant, device, dtype, B, T):
                     t_start, t_end = teacher(*x)
             else:
                 t_start, t_end = t_logits
-            return bp.distillation_loss(s, e, t_start, t_end, pos[0], pos[1]) + lam * bp.regularization(masked)
+            return bp.distillation_loss((s, e), (t_start, t_end), (pos[0], pos[1])) + lam * bp.regularization(masked)
     else:
         if variant.startswith("transformers"):
             model = transformers_twin(model)
@@ -353,7 +355,7 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
     windows in batches of 128, the models taking turns after a warm-up, the fastest of 3 rounds; random
     weights. For runs trained elsewhere (on a GPU, or beside other runs): the speed-up on this machine's CPU,
     written into each results.json as speedup_cpu. Beside it, two predictions: the FLOP ratio, and the measured cost
-    model's (blockprune.measure_costs), timed here first at the same batch and length, of the model as it runs."""
+    model's (cost_model.measure_costs), timed here first at the same batch and length, of the model as it runs."""
     import squad
     import train_squad as ts
     cpu = torch.device("cpu")
@@ -382,7 +384,7 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
     args = argparse.Namespace(device=cpu, precision="fp32", per_device_eval_batch_size=128)
     t = time.perf_counter()
     try:
-        cost = bp.measure_costs(models["dense"].config, cpu, torch.float32, 128, T)
+        cost = cm.measure_costs(models["dense"].config, cpu, torch.float32, 128, T)
     except ValueError as e:  # timings too noisy to fit
         sys.exit(f"error: --study: {e}")
     print(f"cost model measured in {time.perf_counter() - t:.0f} s: {1e3 * cost['head']:.2f} ms a head, "
@@ -396,12 +398,12 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
     rows = [{"what": "study cost model", **cost}]  # the table the predictions come from, its grid's timings too
     for p, r in results.items():
         r["speedup_cpu"] = min(seconds["dense"]) / min(seconds[str(p.parent)])
-        bert.atomic_write(p, json.dumps(r, indent=2).encode())
+        atomic_write(p, json.dumps(r, indent=2).encode())
         s, final = r["structure"], models[str(p.parent)].config
         rows.append({"what": "study run", "run": str(p.parent), "device": "cpu", "windows": len(dev["input_ids"]),
                      "heads": [x["heads"] for x in s["layers"]], "ffn": [x["ffn"] for x in s["layers"]],
                      "predicted speed-up": s.get("predicted_speedup_flops", s["predicted_speedup"]),
-                     "predicted speed-up, measured cost": bp.predicted_speedup(final, models["dense"].config, cost),
+                     "predicted speed-up, measured cost": cm.predicted_speedup(final, models["dense"].config, cost),
                      "speed-up": r["speedup_cpu"]})
         print(f"{rows[-1]['run']}: heads {rows[-1]['heads']}, FFN {rows[-1]['ffn']}: {r['speedup_cpu']:.2f}x "
               f"measured, {rows[-1]['predicted speed-up, measured cost']:.2f}x predicted by the measured cost model, "
@@ -477,14 +479,14 @@ def main(argv=None):
     if args.study:
         rows = bench_study(args.study, args.dense, args.dev_file, Path(args.vocab), args.eval_windows or 256)
         if args.json:
-            bert.atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
+            atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
         return rows
     T = 128 if args.quick else 384
     reps, warmup = (2, 1) if args.quick else (5, 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"), flush=True)
-    print(f"FLOP ratio of d26 at length 384: {bp.encoder_flops(BASE, 384) / bp.encoder_flops(D26, 384):.2f}x "
-          f"({bp.encoder_flops(D26, 384) / 1e9:.1f} of {bp.encoder_flops(BASE, 384) / 1e9:.1f} GFLOP); "
+    print(f"FLOP ratio of d26 at length 384: {cm.encoder_flops(BASE, 384) / cm.encoder_flops(D26, 384):.2f}x "
+          f"({cm.encoder_flops(D26, 384) / 1e9:.1f} of {cm.encoder_flops(BASE, 384) / 1e9:.1f} GFLOP); "
           f"the reference implementation measured {REFERENCE_SPEEDUP}x", flush=True)
     rows = []
     cpu = torch.device("cpu")
@@ -538,7 +540,7 @@ def main(argv=None):
     note = " (for length 384 and batch 8 on CPU: --quick only shows the way)" if args.quick else ""
     print("\n".join([f"targets{note}:"] + verdicts(rows)))
     if args.json:
-        bert.atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
+        atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
     return rows
 
 

@@ -5,7 +5,7 @@ makes them, cached on disk), the answers read off a model's start and end logits
 
     python squad.py dev-v1.1.json PREDICTIONS.json    # score {question id: answer} as evaluate-v1.1.py does
 
-Imports only bert.py (for its file helpers).
+Imports only files.py (for its file helpers).
 """
 import hashlib
 import json
@@ -22,7 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from bert import DATA_DIR, download, load_cache, log, save_torch
+from files import DATA_DIR, download, load_cache, log, save_torch
 
 # ---- the SQuAD v1.1 files ------------------------------------------------------------------------
 

@@ -28,9 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import bert
 import blockprune as bp
-from bert import DATA_DIR, BertConfig, BertForQuestionAnswering, atomic_write, load_cache, log, save_torch
+import cost_model as cm
+import files
+import report
+from bert import BertConfig, BertForQuestionAnswering
+from files import DATA_DIR, atomic_write, load_cache, log, save_torch
 from squad import cached_features, postprocess, squad_evaluate, squad_file, tokenizer_files, vocab_difference
 
 # ---- the training loop -----------------------------------------------------------------------------
@@ -108,7 +111,7 @@ def qa_loss(args, start, end, batch, teacher=None):
             t_start, t_end = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     else:
         return (F.cross_entropy(start, start_pos) + F.cross_entropy(end, end_pos)) / 2
-    return bp.distillation_loss(start, end, t_start, t_end, start_pos, end_pos, args.temperature,
+    return bp.distillation_loss((start, end), (t_start, t_end), (start_pos, end_pos), args.temperature,
                                 args.alpha_distil, args.alpha_ce)
 
 
@@ -117,12 +120,12 @@ def qa_loss(args, start, end, batch, teacher=None):
 # run alone, and --resume can skip the stages a killed run had already finished (once).
 
 def save_checkpoint(model, out, vocab, lowercase):
-    """The model, its vocab and tokenizer_config.json into out as one unit (bert.write_files)."""
+    """The model, its vocab and tokenizer_config.json into out as one unit (files.write_files)."""
     extra = {"tokenizer_config.json": json.dumps({"do_lower_case": lowercase}).encode()}
     if isinstance(model, bp.MaskedBert):
-        bp.save_masked(model, out, vocab, extra)
+        files.save_masked(model, out, vocab, extra)
     else:
-        model.save_pretrained(out, vocab, extra)
+        files.save_pretrained(model, out, vocab, extra)
 
 
 def finish(args, model, out, vocab, lowercase, dev, name, steps):
@@ -193,11 +196,11 @@ def teacher_logits(args, teacher_path, vocab, features):
 def stage_prune(args, model_path, teacher_path, out):
     model, vocab, lowercase = load_checkpoint(model_path, dense="--model_name_or_path")
     cost = cost_table(args, model.config, out)
-    bp.MaskedBert(model, prune_config(args, cost=cost))  # --block must fit, the target be reachable: said early
+    bp.MaskedBert(model, prune_config(args, model.config, table=cost))  # --block fits, the target is reachable
     _, features = features_for(args, vocab, lowercase, "train")
     teacher = teacher_logits(args, teacher_path, vocab, features)
     dev = features_for(args, vocab, lowercase, "dev")
-    prune = prune_config(args, features, cost)
+    prune = prune_config(args, model.config, features, cost)
     masked = train(args, "prune", model, features, args.num_train_epochs, args.learning_rate, prune.warmup_steps, out,
                    teacher, prune)
     return finish(args, masked, out, vocab, lowercase, dev, "prune (masked)",
@@ -215,15 +218,16 @@ def stage_compact(args, masked_path, out):
     few = {k: v[:8] for k, v in dev.items()}
     fp32 = argparse.Namespace(**{**vars(args), "precision": "fp32"})
     (a, b, _), (c, d, _) = predict(fp32, masked, few, trim=False), predict(fp32, small, few, trim=False)
-    r = {**bp.report(small, masked.model.config, args.max_seq_length, masked.config.cost),
+    r = {**report.compact_report(small, masked.model.config, args.max_seq_length, masked.config.cost),
          "max_logit_difference_from_masked": max((a - c).abs().max().item(), (b - d).abs().max().item()),
-         "head_pruning": bp.head_pruning_stats(masked)}  # how much of the pruning removed whole heads
+         "head_pruning": report.head_pruning_stats(masked)}  # how much of the pruning removed whole heads
     save_checkpoint(small, out, vocab, lowercase)
     atomic_write(out / "report.json", json.dumps(r, indent=2).encode())
-    bp.plot_report(r, out / "structure.png")
-    bp.plot_masks(masked, out / "heads.png")
+    if not (report.plot_report(r, out / "structure.png") and report.plot_masks(masked, out / "heads.png")):
+        log(f"compact: matplotlib is not installed, so {out / 'structure.png'} and heads.png were not drawn "
+            "(pip install matplotlib, then run --stage compact again)")
     h, diff = r["head_pruning"], r["max_logit_difference_from_masked"]
-    log(bp.format_report(r) + f"\ncompacted vs masked logits: max difference {diff:.2e}"
+    log(report.format_report(r) + f"\ncompacted vs masked logits: max difference {diff:.2e}"
         f"\n{h['heads_removed']}/{h['heads_total']} heads removed whole, holding "
         f"{100 * h['fraction_in_removed_heads']:.1f} % of the attention weights pruned")
     return r
@@ -249,7 +253,7 @@ def stage_all(args, out):
     distillation, compact, fill, evaluate; then the speed-up of the final model over the teacher. Another target
     from the same teacher: run again with --teacher OUT/teacher and another --output_dir."""
     model = load_checkpoint(args.model_name_or_path)[0]  # --block fits, a --cost_table too, before any training
-    bp.MaskedBert(model, prune_config(args, cost=cost_table(args, model.config)))
+    bp.MaskedBert(model, prune_config(args, model.config, table=cost_table(args, model.config)))
     teacher = args.teacher or str(out / "teacher")
     if not args.teacher:
         teacher_metrics = once(args, out / "teacher", stage_finetune, args.model_name_or_path)
@@ -279,7 +283,7 @@ def stage_all(args, out):
     results["speedup"] = min(seconds["teacher"]) / min(seconds["final"])
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     s, r = results["filled"], results["structure"]
-    bp.plot_report(r, out / "compact" / "structure.png", results["speedup"])  # again, with the measured speed-up
+    report.plot_report(r, out / "compact" / "structure.png", results["speedup"])  # again, with the measured speed-up
     log(f"final ({out}): F1 {s['f1']:.2f} EM {s['exact_match']:.2f} (teacher F1 {results['teacher']['f1']:.2f}), "
         f"heads {r['heads']}/{r['heads_dense']}, linear params {100 * r['linear_density']:.1f} %, "
         f"speed-up {results['speedup']:.2f}x over the teacher ({r['predicted_speedup']:.2f}x predicted by the "
@@ -346,20 +350,23 @@ def same_settings(path, saved, settings):
                              "with another --output_dir) to start afresh")
 
 
-def prune_config(args, features=None, cost=None):
+def prune_config(args, config=None, features=None, table=None):
     """The pruning run's PruneConfig, its schedule in steps (Sec. 3): --initial_warmup epochs at threshold 0,
     a cubic ramp, --final_warmup epochs at the final threshold, over --num_train_epochs (without features: the
-    flags only, which PruneConfig checks); cost: a measured cost table (cost_table), None for FLOPs."""
-    steps = {}
+    flags only, which PruneConfig checks). --target_speedup S, given the dense model's config, is a target density
+    of the cost model's cost (cost_model.keep_fraction): the measured table (cost_table), or FLOPs."""
+    steps, density, cost = {}, args.target_density, None
     if features is not None:
         epoch_steps, total = steps_per_epoch(args, features), total_steps(args, features, args.num_train_epochs)
         steps = dict(warmup_steps=round(args.initial_warmup * epoch_steps),
                      ramp_steps=max(1, total - round((args.initial_warmup + args.final_warmup) * epoch_steps)))
+    if args.target_speedup is not None and config is not None:
+        cost = table or cm.flop_costs(config, args.max_seq_length)
+        density = cm.keep_fraction(args.target_speedup, config, cost)
     return bp.PruneConfig(block=args.block, pruning_method=args.pruning_method, final_threshold=args.final_threshold,
                           final_lambda=args.final_lambda, attention_lambda=args.attention_lambda,
                           ffn_lambda=args.ffn_lambda, gate_dead_heads=args.gate_dead_heads,
-                          target_density=args.target_density, target_speedup=args.target_speedup,
-                          seq_len=args.max_seq_length, cost=cost, **steps)
+                          target_density=density, cost=cost, **steps)
 
 
 def cost_table(args, config, out=None):
@@ -380,14 +387,14 @@ def cost_table(args, config, out=None):
             log(f"cost model: timing heads and FFN units on {args.device} ({args.precision}), batch "
                 f"{args.per_device_eval_batch_size} x {args.max_seq_length} tokens")
             try:
-                cost = bp.measure_costs(config, args.device, DTYPES[args.precision], args.per_device_eval_batch_size,
+                cost = cm.measure_costs(config, args.device, DTYPES[args.precision], args.per_device_eval_batch_size,
                                         args.max_seq_length)
             except ValueError as e:  # timings too noisy to fit
                 raise ValueError(f"--cost_model measured: {e}") from None
             atomic_write(path, json.dumps(cost, indent=2).encode())
         barrier()
     try:
-        cost = bp.check_cost_table(json.loads(path.read_text(encoding="utf-8")), config)
+        cost = cm.check_cost_table(json.loads(path.read_text(encoding="utf-8")), config)
         started = json.loads(saved.read_text(encoding="utf-8")) if resumed and args.cost_table else cost
     except (OSError, ValueError) as e:  # missing, not JSON, not a table, another model's
         raise ValueError(f"{'--cost_table ' if args.cost_table else ''}{path}: {e}") from None
@@ -503,11 +510,11 @@ def load_checkpoint(name, dense=None):
         config = BertConfig(vocab_size=n, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
                             intermediate_size=256, max_position_embeddings=128)
         return BertForQuestionAnswering(config), vocab, True
-    d = bert.resolve_checkpoint(name)
+    d = files.resolve_checkpoint(name)
     if dense and (d / "scores.safetensors").exists():
         raise ValueError(f"{dense} {name}: a pruned (masked) checkpoint; this stage trains a plain BERT: compact it "
                          "first (--stage compact), then fill the compacted one")
-    model = bp.load_masked(d) if (d / "scores.safetensors").exists() else BertForQuestionAnswering.from_pretrained(d)
+    model = files.load_masked(d) if (d / "scores.safetensors").exists() else files.load_pretrained(d)
     return (model, *tokenizer_files(d, (model.model if isinstance(model, bp.MaskedBert) else model).config.vocab_size))
 
 
@@ -645,6 +652,13 @@ def parse_args(argv=None):
         p.error(f"--doc_stride must be in [0, max_seq_length / 2), got {args.doc_stride}")
     if args.cost_table and args.cost_model != "measured":
         p.error("--cost_table: a measured table, for --cost_model measured")
+    if args.target_speedup is not None:
+        if not args.target_speedup >= 1:
+            p.error(f"--target_speedup must be at least 1, got {args.target_speedup}")
+        if args.target_density is not None:
+            p.error("--target_density and --target_speedup exclude each other: give one")
+        if args.pruning_method != "sigmoid":
+            p.error("--target_speedup needs --pruning_method sigmoid")
     try:
         prune_config(args)  # the pruning flags, checked by the method's own config before any work
     except ValueError as e:
@@ -695,7 +709,7 @@ def check_outputs(args, out):
             probe.unlink()
         except OSError as e:  # no permission, a read-only disk: say which flag, not a bare [Errno 13]
             raise OSError(f"{what} {d}: cannot write there ({e.strerror or e})") from None
-        bert.remove_leftovers(d)  # atomic_write's temporary files, left by a process that was killed
+        files.remove_leftovers(d)  # atomic_write's temporary files, left by a process that was killed
     if args.stage in ("eval", "compact") and "seed" in (saved_metrics(out).get("settings") or {}):  # --resume's
         raise ValueError(f"--output_dir {out}: holds a training stage's results (metrics.json), which --stage "
                          f"{args.stage} would write over: give another --output_dir")
@@ -820,7 +834,7 @@ class Progress:
     def step(self, step, loss, lr):
         self.seen += self.batch
         if self.masked is not None:  # heads that die and come back, counted at every step
-            alive = bp.heads_alive_at(self.masked, self.masked.threshold)
+            alive = report.heads_alive_at(self.masked, self.masked.threshold)
             if self.alive is not None:
                 self.died = self.died + (self.alive & ~alive).sum()
                 self.revived = self.revived + (~self.alive & alive).sum()
@@ -832,7 +846,7 @@ class Progress:
         self.t0, self.seen = time.time(), 0
         line = f"{self.stage} step {step}/{self.total} | loss {loss.item():.4f} | lr {lr:.2e}"
         if self.masked is not None:
-            line += f" | {bp.pruning_state(self.masked, step, self.died, self.revived)}"
+            line += f" | {report.pruning_state(self.masked, step, self.died, self.revived)}"
         left = (self.total - step) * self.batch / rate
         log(f"{line} | {rate:.1f} ex/s | {hms(left)} left")
 

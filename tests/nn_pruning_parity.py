@@ -25,7 +25,8 @@ from nn_pruning.patch_coordinator import ModelPatchingCoordinator, SparseTrainin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import blockprune as bp  # noqa: E402
-from bert import BertConfig, BertForQuestionAnswering, to_hf_name  # noqa: E402
+import report  # noqa: E402
+from bert import BertConfig, BertForQuestionAnswering, hf_state_dict, to_hf_name  # noqa: E402
 
 STEPS, WARMUP, BLOCK = 16, 2, 8  # warm-up: 1 x WARMUP steps at threshold 0, the ramp, then 2 x WARMUP at the final
 LR, SCORES_LR, THRESHOLD, LAMBDA = 1e-3, 5e-2, 0.44, 0.2
@@ -50,7 +51,7 @@ def twin(model):
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=c.num_attention_heads[0], intermediate_size=c.intermediate_size[0],
         max_position_embeddings=c.max_position_embeddings, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    hf.load_state_dict({to_hf_name(k): v for k, v in model.state_dict().items()})
+    hf.load_state_dict(hf_state_dict(model))
     return hf.eval()
 
 
@@ -111,7 +112,7 @@ def ours():
         start, end = net(ids, mask, types)
         with torch.no_grad():
             t_start, t_end = teacher(ids, mask, types)
-        loss = bp.distillation_loss(start, end, t_start, t_end, s_pos, e_pos, 2.0, 0.9, 0.1)
+        loss = bp.distillation_loss((start, end), (t_start, t_end), (s_pos, e_pos), 2.0, 0.9, 0.1)
         regu = bp.regularization(net)
         loss = loss + lam * regu
         loss.backward()
@@ -135,7 +136,7 @@ def mask_difference(theirs, masks):
                              ("value", layer.attention.self.value), ("attn_out", layer.attention.output.dense),
                              ("ffn_in", layer.intermediate.dense), ("ffn_out", layer.output.dense)):
             w, _ = module.get_masked_weights_bias()
-            differ += int(((w != 0) != (masks[f"layers.{i}.{name}.weight"].detach() != 0)).sum())
+            differ += int(((w != 0) != (masks[f"bert.layers.{i}.{name}.weight"].detach() != 0)).sum())
     return differ
 
 
@@ -153,7 +154,7 @@ def main():
                  for i in range(2) for n in bp.ATTENTION + ("ffn",))
     # The QA head's bias and the last LayerNorm's bias add the same to every position's logit, and a softmax over
     # positions ignores that: their gradients are rounding noise, which Adam scales up to whole lr-sized steps.
-    noise = ("qa_outputs.bias", f"layers.{len(net.model.layers) - 1}.ffn_ln.bias")
+    noise = ("qa_outputs.bias", f"bert.layers.{len(net.layers) - 1}.ffn_ln.bias")
     their_state = theirs.state_dict()
     weights = max((v - their_state[to_hf_name(k)]).abs().max().item()
                   for k, v in net.model.state_dict().items() if k not in noise)
@@ -165,7 +166,7 @@ def main():
     print(f"largest difference of a score: {scores:.2e}; of a weight: {weights:.2e} (not counting "
           f"{', '.join(noise)})")
     empty = sum(int(m.sum()) == 0 for m in weights_masks)
-    s = net.structure(THRESHOLD)
+    s = report.structure(net, THRESHOLD)
     print(f"masks at the final threshold: {differ} of {total} weights differ; {100 * kept / total:.1f} % of the "
           f"linear weights kept, heads alive per layer {s['heads']} of 4, FFN units {s['ffn']} of 128, {empty} of "
           f"{len(weights_masks)} matrices empty")

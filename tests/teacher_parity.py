@@ -27,20 +27,17 @@ class TransformersQA(torch.nn.Module):
         out = self.hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         return out.start_logits, out.end_logits
 
-    def save_pretrained(self, out, vocab_file=None, extra_files=None):
-        self.hf.save_pretrained(out)
-
-
 def main(argv=None):
     args = ts.parse_args(argv)
     torch.manual_seed(args.seed)
     path = Path(args.model_name_or_path)
-    load_checkpoint = ts.load_checkpoint
+    load_checkpoint, save_checkpoint = ts.load_checkpoint, ts.save_checkpoint
     ts.load_checkpoint = lambda name, dense=None: (TransformersQA(path), path / "vocab.txt", True)
+    ts.save_checkpoint = lambda model, out, vocab, lowercase: model.hf.save_pretrained(out)
     try:
         return ts.stage_finetune(args, str(path), Path(args.output_dir))
     finally:
-        ts.load_checkpoint = load_checkpoint
+        ts.load_checkpoint, ts.save_checkpoint = load_checkpoint, save_checkpoint
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ import torch
 
 import bench
 import blockprune as bp
+import cost_model as cm
+import report
 
 
 def test_d26_is_the_released_models_structure():
     # docs/paper.md: 22,248,960 linear parameters, 19.5 GFLOP per sequence at length 384 (70.7 for BERT-base: 3.62x)
-    from blockprune import encoder_flops, linear_params
+    from blockprune import linear_params
+    from cost_model import encoder_flops
     assert linear_params(bench.BASE) == 84_934_656 and linear_params(bench.D26) == 22_248_960
     assert encoder_flops(bench.BASE, 384) / encoder_flops(bench.D26, 384) == pytest.approx(3.62, abs=0.005)
 
@@ -55,18 +58,18 @@ def test_study_times_each_finished_run_on_this_cpu_and_records_it(tmp_path, monk
     argv = ["--study", str(tmp_path / "runs"), "--dense", str(tmp_path / "dense"), "--eval_windows", "4",
             "--dev_file", str(data / "sample-dev.json"), "--vocab", str(data / "sample-vocab.txt")]
     table, timed = {"head": 2e-3, "unit": 1e-4, "fixed": 0.01}, []  # known costs: timings would make it flaky
-    monkeypatch.setattr(bp, "measure_costs", lambda *a: timed.append(a[1:]) or table)
+    monkeypatch.setattr(cm, "measure_costs", lambda *a: timed.append(a[1:]) or table)
     rows = bench.main(argv)
     r = json.loads((run / "results.json").read_text())
     assert r["f1"] == 1.0 and r["speedup_cpu"] > 0 and len(rows) == 2  # added; the rest kept
     assert rows[0] == {"what": "study cost model", **table}
     assert (rows[1]["heads"], rows[1]["ffn"], rows[1]["speed-up"]) == ([1, 0], [16, 8], r["speedup_cpu"])
     assert timed == [(torch.device("cpu"), torch.float32, 128, 64)]  # at the study's batch and length
-    assert rows[1]["predicted speed-up, measured cost"] == bp.predicted_speedup(final, dense, table)
+    assert rows[1]["predicted speed-up, measured cost"] == cm.predicted_speedup(final, dense, table)
     assert rows[1]["predicted speed-up"] == 5.0  # the run's own, from its results.json
     with pytest.raises(SystemExit, match=r"^error: --study: no results.json under \S+$"):
         bench.main(argv[:1] + [str(tmp_path / "dense")] + argv[2:])
-    monkeypatch.setattr(bp, "measure_costs", lambda *a: bp.fit_costs({(0, 0): 1, (1, 0): 0.5, "outside": 0}, 2))
+    monkeypatch.setattr(cm, "measure_costs", lambda *a: cm.fit_costs({(0, 0): 1, (1, 0): 0.5, "outside": 0}, 2))
     with pytest.raises(SystemExit, match=r"^error: --study: cost model: the layer's time does not grow with its heads"):
         bench.main(argv)
     long_question = tmp_path / "dev.json"  # longer than the runs' 64-token windows allow
@@ -120,5 +123,5 @@ def test_a_pruning_step_runs_its_own_ops_once_for_all_layers():
         ops[layers] = (bench.operations(lambda: step(masked), cpu) - bench.operations(lambda: step(masked.model), cpu),
                        bench.operations(lambda: bp.regularization(masked), cpu),
                        bench.operations(lambda: bp.schedule(1, masked), cpu),
-                       bench.operations(lambda: bp.heads_alive_at(masked, 0.5), cpu))
+                       bench.operations(lambda: report.heads_alive_at(masked, 0.5), cpu))
     assert ops[6] == ops[2] and min(ops[2]) > 0

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import blockprune as bp
+import files
+import report
 import squad
 import train_squad as ts
 from bert import BertForQuestionAnswering
@@ -48,15 +50,15 @@ def test_small_preset_runs_finetune_prune_compact_fill_eval(small_run):
 
 def test_report_densities_equal_what_the_weights_hold(small_run):
     out, results = small_run
-    filled = BertForQuestionAnswering.from_pretrained(out / "filled")
+    filled = files.load_pretrained(out / "filled")
     held = sum(getattr(layer, n).weight.numel()
-               for layer in filled.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
+               for layer in filled.bert.layers for n in bp.ATTENTION + ("ffn_in", "ffn_out"))
     r = results["structure"]  # the compacted model's: its FFN padding (zero units, multiples of 8) counted apart
     assert r["linear_params"] + r["padding_params"] == held
     dense = bp.linear_params(ts.load_checkpoint("tiny")[0].config)
     assert r["linear_density"] == pytest.approx(r["linear_params"] / dense)
-    masked = bp.load_masked(out / "pruned")
-    s = masked.structure(masked.config.final_threshold)
+    masked = files.load_masked(out / "pruned")
+    s = report.structure(masked, masked.config.final_threshold)
     assert s["heads"] == filled.config.num_attention_heads and s["ffn"] == [x["ffn"] for x in r["layers"]]
     assert filled.config.intermediate_size == [-(-f // 8) * 8 for f in s["ffn"]]
     hidden = filled.config.hidden_size  # a padding unit: a row of ffn_in and a column of ffn_out
@@ -67,7 +69,7 @@ def test_large_lambda_removes_whole_heads_and_ffn_units(small_run, tmp_path):
     out, _ = small_run
     run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), "--num_train_epochs", "12",
         "--initial_warmup", "1", "--final_warmup", "4", "--final_lambda", "100", "--mask_scores_learning_rate", "0.1")
-    s = bp.load_masked(tmp_path).structure()
+    s = report.structure(files.load_masked(tmp_path))
     assert sum(s["heads"]) < 16 and all(f < 256 for f in s["ffn"])
 
 
@@ -116,7 +118,7 @@ def test_invalid_flags_are_refused_in_one_line_naming_the_flag(small_run, tmp_pa
 def test_the_pruning_schedule_in_steps_follows_the_epoch_flags():
     args = ts.parse_args(["--preset", "small", "--num_train_epochs", "5", "--initial_warmup", "1",
                           "--final_warmup", "1.5", "--per_device_train_batch_size", "16"])
-    c = ts.prune_config(args, {"input_ids": torch.zeros(170, 1)})  # 10 steps an epoch (the last 10 windows left out)
+    c = ts.prune_config(args, features={"input_ids": torch.zeros(170, 1)})  # 10 steps an epoch (the last 10 windows left out)
     assert (c.warmup_steps, c.ramp_steps) == (10, 50 - 10 - 15)  # tau 0 for an epoch; the cubic ramp; 1.5 at the end
     ramp = [bp.ramp(t, c) for t in (9, 10, 10 + 25 // 2, 35, 49)]
     assert ramp[:2] == [0, 0] and 0.8 < ramp[2] < 0.9 and ramp[3:] == [1, 1]  # cubic: 1 - (1 - 12/25)^3 = 0.86
@@ -153,7 +155,7 @@ def dropout_free_start(tmp_path):
     model, vocab, _ = ts.load_checkpoint("tiny")
     start = BertForQuestionAnswering(replace(model.config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     start.load_state_dict(model.state_dict())
-    start.save_pretrained(tmp_path / "start", vocab)
+    files.save_pretrained(start, tmp_path / "start", vocab)
     return start, vocab
 
 
@@ -186,7 +188,7 @@ def test_killed_pruning_run_resumes_as_if_never_stopped(small_run, tmp_path, mon
     assert saved > 0 and saved % 10 == 0  # a state of --save_steps 10
     assert len(steps) == whole_steps - saved  # it went on from there: not a rerun from 0, which would end the same
     assert heads_counted(err) == whole  # the heads' counts went on from the saved state
-    a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "killed")
+    a, b = files.load_masked(tmp_path / "whole"), files.load_masked(tmp_path / "killed")
     assert_same_bits(a, b)
 
 
@@ -231,12 +233,13 @@ def test_mixed_precision_training_path_runs(tmp_path, precision, monkeypatch):
 def test_target_density_lands_within_two_points(small_run, tmp_path, capsys):
     out, _ = small_run
     run(tmp_path, "--stage", "prune", "--teacher", str(out / "teacher"), "--target_density", "0.4")
-    masked = bp.load_masked(tmp_path)  # evaluated, saved and loaded at the threshold found for the target
-    s = masked.structure()
+    masked = files.load_masked(tmp_path)  # evaluated, saved and loaded at the threshold found for the target
+    s = report.structure(masked)
     assert s["compact_density"] == pytest.approx(0.4, abs=0.02)
     last = [line for line in capsys.readouterr().err.splitlines() if "prune step" in line][-1]
     assert f"compact {100 * s['compact_density']:.1f}% | heads {sum(s['heads'])}/" in last  # the model saved
-    assert bp.report(bp.compact(masked), masked.model.config)["linear_density"] == pytest.approx(0.4, abs=0.02)
+    assert report.compact_report(bp.compact(masked), masked.model.config)["linear_density"] == pytest.approx(
+        0.4, abs=0.02)
 
 
 def test_another_target_from_a_given_teacher_is_pruned_without_evaluating_the_teacher_again(small_run, tmp_path):
@@ -301,7 +304,7 @@ def test_stop_signal_saves_the_state_and_resume_finishes_as_if_never_stopped(sma
     capsys.readouterr()
     run(tmp_path / "stopped", *flags, "--resume")
     assert f"resumed from {stopped / 'training_state.pt'} at step {step}" in capsys.readouterr().err
-    a, b = bp.load_masked(tmp_path / "whole"), bp.load_masked(tmp_path / "stopped")
+    a, b = files.load_masked(tmp_path / "whole"), files.load_masked(tmp_path / "stopped")
     assert_same_bits(a, b)
 
 
@@ -409,7 +412,7 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
 
 def test_vocab_larger_than_the_model_is_refused(tmp_path):
     model, vocab, _ = ts.load_checkpoint("tiny")
-    model.save_pretrained(tmp_path, vocab)
+    files.save_pretrained(model, tmp_path, vocab)
     (tmp_path / "vocab.txt").write_text(vocab.read_text() + "extra1\nextra2\n")
     with pytest.raises(ValueError, match=r"vocab.txt has more tokens than the model's vocab_size 452"):
         ts.load_checkpoint(str(tmp_path))
@@ -418,7 +421,7 @@ def test_vocab_larger_than_the_model_is_refused(tmp_path):
 def test_teacher_vocab_is_compared_token_by_token_naming_the_first_difference(tmp_path):
     import re
     model, vocab, _ = ts.load_checkpoint("tiny")
-    model.save_pretrained(tmp_path, vocab)
+    files.save_pretrained(model, tmp_path, vocab)
     tokens = vocab.read_text(encoding="utf-8").splitlines()
     (tmp_path / "vocab.txt").write_bytes("\r\n".join(tokens).encode())  # CRLF, no final newline: the same tokens
     assert ts.load_teacher(str(tmp_path), vocab) is not None
@@ -487,7 +490,7 @@ def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tm
     m = ts.main([*flags, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"])
     p = torchrun(*flags, "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "8")
     assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
-    one, two = (BertForQuestionAnswering.from_pretrained(tmp_path / d).eval() for d in ("one", "two"))
+    one, two = (files.load_pretrained(tmp_path / d).eval() for d in ("one", "two"))
     assert_same_steps(one, two)  # only the order of the gradient sums differs
     _, dev = squad.cached_features(ts.DATA_DIR / "sample-dev.json", vocab, True, 128, 32, False)
     x = [dev[k][:32] for k in ("input_ids", "attention_mask", "token_type_ids")]
@@ -504,14 +507,14 @@ def test_gradient_accumulation_takes_the_steps_of_the_whole_batch(tmp_path):
     flags = ["--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"), "--finetune_epochs", "1"]
     run(tmp_path / "one", *flags, "--per_device_train_batch_size", "16")
     run(tmp_path / "accum", *flags, "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2")
-    one, accum = (BertForQuestionAnswering.from_pretrained(tmp_path / d) for d in ("one", "accum"))
+    one, accum = (files.load_pretrained(tmp_path / d) for d in ("one", "accum"))
     assert not torch.equal(one.qa_outputs.weight, start.qa_outputs.weight)  # it trained
     assert_same_steps(one, accum)
 
 
 def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
     model, vocab, _ = ts.load_checkpoint("tiny")  # with dropout: each process's generator must come back
-    model.save_pretrained(tmp_path / "start", vocab)
+    files.save_pretrained(model, tmp_path / "start", vocab)
     flags = ["--preset", "small", "--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"),
              "--finetune_epochs", "8", "--per_device_train_batch_size", "8", "--logging_steps", "1",
              "--save_steps", "0"]
@@ -526,7 +529,7 @@ def test_two_processes_stopped_by_sigterm_resume_exactly(tmp_path):
     resume = torchrun(*flags, "--output_dir", str(tmp_path / "stopped"), "--resume")
     err = resume.communicate(timeout=300)[1]
     assert resume.returncode == 0 and f"at step {step[1]}" in err  # resumed, not retrained from step 0
-    a, b = (BertForQuestionAnswering.from_pretrained(tmp_path / d) for d in ("whole", "stopped"))
+    a, b = (files.load_pretrained(tmp_path / d) for d in ("whole", "stopped"))
     assert_same_bits(a, b)
 
 
@@ -561,7 +564,7 @@ def test_cached_teacher_logits_give_the_live_teachers_losses_scores_and_f1(small
     assert len(losses["cached"]) == len(losses["live"]) == 30
     for a, b in zip(losses["cached"], losses["live"]):
         assert a.item() == pytest.approx(b.item(), rel=1e-5)
-    a, b = bp.load_masked(tmp_path / "cached"), bp.load_masked(tmp_path / "live")
+    a, b = files.load_masked(tmp_path / "cached"), files.load_masked(tmp_path / "live")
     for k in a.scores:
         assert torch.allclose(a.scores[k], b.scores[k], atol=1e-5), k
     assert f1["cached"] == f1["live"]
