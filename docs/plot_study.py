@@ -31,22 +31,65 @@ def pyplot():
         sys.exit("error: matplotlib is not installed (pip install matplotlib)")
 
 
+def series(r):
+    """Which of our series a run belongs to, by what it pruned to."""
+    a = r.get("args") or {}
+    d = a.get("target_density")
+    d = d[0] if isinstance(d, list) else d  # results.json of runs made when --target_density took several values
+    if a.get("target_speedup"):
+        return f"ours, target speed-up {a['target_speedup']:g}x"
+    if d:
+        return f"ours, target density {100 * d:g} %"
+    return "ours, the paper's fixed threshold"
+
+
+def label(name, r):
+    """A point's label: the run's name, or for the paper's fixed threshold its lambda (not 'paper': they are ours)."""
+    a = r.get("args") or {}
+    return f"lambda {a['final_lambda']:g}" if series(r).endswith("fixed threshold") and "final_lambda" in a else name
+
+
+def place_labels(fig, ax, points):
+    """Each label beside its point, at the first of a few offsets where it covers no label placed before and no
+    point, inside the axes: points close together get their labels stacked instead of printed over each other."""
+    renderer, inside = fig.canvas.get_renderer(), ax.get_window_extent()
+    dots = [ax.transData.transform((x, y)) for x, y, _ in points]
+    offsets = [(5, 3), (5, -11), (-5, 3), (-5, -11), (5, 13), (5, -21), (-5, 13), (-5, -21), (5, 23), (5, -31)]
+    placed = []
+    for x, y, text in points:
+        for dx, dy in offsets:
+            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                            ha="left" if dx > 0 else "right")
+            box = t.get_window_extent(renderer)
+            if (inside.x0 < box.x0 and box.x1 < inside.x1 and not any(box.overlaps(b) for b in placed)
+                    and not any(box.contains(*d) for d in dots)):
+                break
+            t.remove()
+        else:  # no free place: the first one
+            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=offsets[0], fontsize=8)
+            box = t.get_window_extent(renderer)
+        placed.append(box)
+
+
 def plot_speedup(runs, path):
-    """F1 lost against the dense teacher, per measured speed-up: our runs, and the paper's for reference (each
-    against its own teacher, since the base models differ)."""
+    """F1 lost against the dense teacher, per measured speed-up: our runs by what they pruned to, and the paper's
+    for reference (each against its own teacher, since the base models differ)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    # speedup_cpu: re-timed on this CPU by bench.py --study (runs trained on a GPU, or several at once)
-    ours = sorted((r.get("speedup_cpu", r["speedup"]), r["teacher"]["f1"] - r["filled"]["f1"], name)
-                  for name, r in runs.items())
-    ax.plot([x for x, _, _ in ours], [y for _, y, _ in ours], "o", label="ours (this study)")
-    ax.plot([x for x, _, _ in PAPER_POINTS], [y for _, y, _ in PAPER_POINTS], "s", label="paper, BERT-base (GPU)")
-    for x, y, name in ours + PAPER_POINTS:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = {}
+    for name, r in runs.items():  # speedup_cpu: re-timed on this CPU by bench.py --study
+        groups.setdefault(series(r), []).append((r.get("speedup_cpu", r["speedup"]),
+                                                 r["teacher"]["f1"] - r["filled"]["f1"], label(name, r)))
+    groups["paper, BERT-base (GPU)"] = PAPER_POINTS
+    markers = {"paper, BERT-base (GPU)": "s"}
+    for key, points in sorted(groups.items(), key=lambda g: g[0].startswith("paper")):
+        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], markers.get(key, "o"), label=key)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(xlabel="speed-up over the dense teacher", ylabel="F1 lost against the dense teacher")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
+    fig.canvas.draw()  # the axes' final size, which the labels' places depend on
+    place_labels(fig, ax, [p for points in groups.values() for p in points])
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -72,14 +115,14 @@ def plot_budget(runs, path):
         line, = ax.plot(x, [p[2] for p in points], "o-", label=f"ours, {100 * d:g} %{gate}, filled")
         ax.plot(x, [p[1] for p in points], "o--", mfc="none", color=line.get_color(),
                 label=f"ours, {100 * d:g} %{gate}, masked")
-        for steps, _, lost, name in points:
-            ax.annotate(name, (steps, lost), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.plot(*PAPER_BUDGET[:2], "s", label=f"{PAPER_BUDGET[2]} (BERT-base, 88k questions)")
     ax.set_xscale("log")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(xlabel="pruning steps (batch 16)", ylabel="F1 lost against the dense teacher")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    fig.canvas.draw()
+    place_labels(fig, ax, [(steps, lost, name) for points in by_density.values() for steps, _, lost, name in points])
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
