@@ -389,15 +389,10 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
         sys.exit(f"error: --study: {e}")
     print(f"cost model measured in {time.perf_counter() - t:.0f} s: {1e3 * cost['head']:.2f} ms a head, "
           f"{1e3 * cost['unit']:.4f} ms an FFN unit, {1e3 * cost['fixed']:.0f} ms fixed, per batch of 128", flush=True)
-    seconds = {name: [] for name in models}
-    for name, model in models.items():  # warm-up: the first call of a model is slower (allocations)
-        ts.predict(args, model, {k: v[:128] for k, v in dev.items()}, trim=False)
-    for r in range(reps):  # in reverse order every other round, as timeit
-        for name, model in list(models.items())[::1 if r % 2 else -1]:
-            seconds[name].append(ts.predict(args, model, dev, trim=False)[2])
+    seconds = ts.race(args, models, dev, reps)  # as train_squad.py --stage all times its final model
     rows = [{"what": "study cost model", **cost}]  # the table the predictions come from, its grid's timings too
     for p, r in results.items():
-        r["speedup_cpu"] = min(seconds["dense"]) / min(seconds[str(p.parent)])
+        r["speedup_cpu"] = seconds["dense"] / seconds[str(p.parent)]
         atomic_write(p, json.dumps(r, indent=2).encode())
         s, final = r["structure"], models[str(p.parent)].config
         rows.append({"what": "study run", "run": str(p.parent), "device": "cpu", "windows": len(dev["input_ids"]),

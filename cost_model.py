@@ -51,7 +51,7 @@ def head_and_unit_flops(config, T):
     """(FLOPs of one attention head, of one FFN unit) for one sequence of T tokens, a FLOP being half a
     multiply-add. A head: its rows of Q, K, V and its columns of the output projection (4 T hs h multiply-adds),
     QK^T and attention x V (2 T^2 hs); a unit: its FFN-in row and FFN-out column (2 T h). Biases, softmax, GELU,
-    LayerNorms, embeddings and the QA head are left out (under 1 % of BERT-base's at T = 384): every FLOP counted
+    LayerNorms, embeddings and a task's head are left out (under 1 % of BERT-base's at T = 384): every FLOP counted
     belongs to a head or a unit, so pruning can remove all of them and the predicted speed-up is the ratio."""
     h, hs = config.hidden_size, config.attention_head_size
     return 2 * (4 * T * hs * h + 2 * T * T * hs), 2 * 2 * T * h
