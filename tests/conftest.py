@@ -1,4 +1,5 @@
-"""Shared fixtures: where the shared data lives, and a throwaway HTTP server for download tests."""
+"""Shared fixtures: where the shared data lives, a throwaway HTTP server for download tests, a run killed midway."""
+import contextlib
 import os
 import sys
 import threading
@@ -58,3 +59,23 @@ def http_server(monkeypatch):
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def ctrl_c_in_call(n):
+    """A Ctrl-C in the n-th call of the regulariser, in the middle of a training step: the run inside must stop
+    with KeyboardInterrupt."""
+    import blockprune as bp
+    regularization, calls = bp.regularization, []
+
+    def crash(masked):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return regularization(masked)
+    bp.regularization = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        bp.regularization = regularization

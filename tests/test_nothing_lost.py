@@ -15,6 +15,7 @@ import files
 import squad
 import train_squad as ts
 from bert import BertForQuestionAnswering
+from conftest import ctrl_c_in_call
 
 FEW = ["--preset", "small", "--num_train_epochs", "2", "--initial_warmup", "0.5", "--final_warmup", "0.5",
        "--fill_epochs", "1", "--finetune_epochs", "1", "--save_steps", "5"]
@@ -127,19 +128,10 @@ def test_a_stage_from_a_masked_checkpoint_says_to_compact_first(teacher, tmp_pat
 # ---- resume checks what it resumes ---------------------------------------------------------------------
 
 @pytest.fixture
-def stopped(teacher, tmp_path, monkeypatch):
+def stopped(teacher, tmp_path):
     """A pruning run stopped by Ctrl-C after its training state of step 10 was saved."""
-    regularization, calls = bp.regularization, []
-
-    def crash(masked):
-        calls.append(1)
-        if len(calls) == 12:
-            raise KeyboardInterrupt
-        return regularization(masked)
-    monkeypatch.setattr(bp, "regularization", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_in_call(12):
         run(tmp_path, "--stage", "prune", "--teacher", str(teacher))
-    monkeypatch.setattr(bp, "regularization", regularization)
     assert (tmp_path / "training_state.pt").exists()
     return tmp_path
 
