@@ -35,6 +35,7 @@ import blockprune as bp
 import cost_model as cm
 from bert import BertConfig, BertForQuestionAnswering
 from files import atomic_write
+from train_squad import POSITIVE
 
 BASE = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                   intermediate_size=3072)
@@ -368,9 +369,9 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
             return bert.BertConfig.from_dict(json.loads((Path(d) / "config.json").read_text()))
         except (OSError, ValueError) as e:
             sys.exit(f"error: --study: {Path(d) / 'config.json'}: expected a model's config.json ({e})")
+    results = {p: study_results(p) for p in paths}
     models = {"dense": build(config(dense_dir), cpu)} | {str(p.parent): build(config(p.parent / "filled"), cpu)
                                                           for p in paths}
-    results = {p: json.loads(p.read_text()) for p in paths}
     windowing = {(r["args"]["max_seq_length"], r["args"]["doc_stride"]) for r in results.values()}
     if len(windowing) > 1:
         sys.exit(f"error: --study: the runs differ in --max_seq_length or --doc_stride ({sorted(windowing)}): "
@@ -404,6 +405,23 @@ def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
               f"measured, {rows[-1]['predicted speed-up, measured cost']:.2f}x predicted by the measured cost model, "
               f"{rows[-1]['predicted speed-up']:.2f}x by FLOPs", flush=True)
     return rows
+
+
+def study_results(path):
+    """A finished run's results.json, with what --study reads of it checked (one line naming the file, else)."""
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+        a, s = r["args"], r["structure"]
+        ok = (type(a["max_seq_length"]) is int and a["max_seq_length"] > 0 and type(a["doc_stride"]) is int
+              and all(type(x["heads"]) is int and type(x["ffn"]) is int for x in s["layers"])
+              and type(s.get("predicted_speedup_flops", s["predicted_speedup"])) in (int, float))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, cut off, not JSON, keys missing
+        ok = f"{type(e).__name__}: {e}"
+    if ok is not True:
+        sys.exit(f"error: --study: {path}: not the results.json of a finished --stage all run (expected args."
+                 f"max_seq_length, args.doc_stride, structure.layers[].heads and .ffn, structure.predicted_speedup"
+                 f"{'; ' + ok if ok else ''})")
+    return r
 
 
 # ---- the report -----------------------------------------------------------------------------------
@@ -446,6 +464,7 @@ def show(row):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, as train_squad.py's
     p.add_argument("--quick", action="store_true", help="length 128, small batches, fewer repeats, no memory: "
                    "about a minute on 2 CPU cores")
     p.add_argument("--json", metavar="PATH", help="save the rows as JSON")
@@ -457,7 +476,7 @@ def main(argv=None):
     p.add_argument("--dev_file", default=str(shared / "squad/dev-v1.1.json"), help="SQuAD v1.1 dev JSON")
     p.add_argument("--vocab", default=str(shared / "models/all-MiniLM-L6-v2/vocab.txt"),
                    help="bert-base-uncased's vocab.txt (the MiniLM checkpoint's is the same file)")
-    p.add_argument("--eval_windows", type=int, help="dev windows to evaluate (default: all on GPU, 256 on CPU, "
+    p.add_argument("--eval_windows", type=POSITIVE, help="dev windows to evaluate (default: all on GPU, 256 on CPU, "
                    "16 with --quick)")
     p.add_argument("--study", nargs="+", metavar="RUN_DIR", help="only time the final models of finished runs "
                    "(every results.json under these) against --dense on this CPU; adds speedup_cpu to each")

@@ -12,6 +12,7 @@ BERT (Devlin et al. 2019) from scratch in plain PyTorch: the whole model, and no
 
 Imports nothing of this project.
 """
+import math
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -37,15 +38,31 @@ class BertConfig:
     pad_token_id: int = 0  # [PAD]: its embedding gets no gradient (as in BERT and transformers)
 
     def __post_init__(self):
+        # every field checked here, so that a config.json that lies fails in one line when it is read, not as a
+        # shape error (or garbage) at the first forward pass
+        def check(name, ok, expected):
+            if not ok(getattr(self, name)):
+                raise ValueError(f"BertConfig: {name} must be {expected}, got {getattr(self, name)!r}")
+        integer, number = (lambda v: type(v) is int), (lambda v: type(v) in (int, float) and math.isfinite(v))
+        for name in ("vocab_size", "hidden_size", "max_position_embeddings", "type_vocab_size"):
+            check(name, lambda v: integer(v) and v > 0, "an integer above 0")
+        for name in ("num_hidden_layers", "attention_head_size"):
+            check(name, lambda v: integer(v) and v >= 0, "an integer >= 0")
+        check("pad_token_id", lambda v: integer(v) and 0 <= v < self.vocab_size,
+              f"an id below vocab_size {self.vocab_size}")
+        check("layer_norm_eps", lambda v: number(v) and v > 0, "a number above 0")
+        check("initializer_range", lambda v: number(v) and v >= 0, "a number >= 0")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            check(name, lambda v: number(v) and 0 <= v < 1, "a probability in [0, 1)")
         if not self.attention_head_size:
-            if not isinstance(self.num_attention_heads, int) or self.num_attention_heads <= 0:
-                raise ValueError("BertConfig: attention_head_size is needed when num_attention_heads is a list")
+            check("num_attention_heads", lambda v: integer(v) and v > 0 and self.hidden_size % v == 0,
+                  f"a divisor of hidden_size {self.hidden_size} (or give attention_head_size and one count per layer)")
             self.attention_head_size = self.hidden_size // self.num_attention_heads
         # from here on both are per-layer lists
         for name in ("num_attention_heads", "intermediate_size"):
             v = getattr(self, name)
             v = [v] * self.num_hidden_layers if isinstance(v, int) else list(v)
-            if len(v) != self.num_hidden_layers or any(not isinstance(x, int) or x < 0 for x in v):
+            if len(v) != self.num_hidden_layers or any(type(x) is not int or x < 0 for x in v):
                 raise ValueError(f"BertConfig: {name} must be an int or {self.num_hidden_layers} ints >= 0, got {v}")
             setattr(self, name, v)
 

@@ -54,7 +54,13 @@ class PruneConfig:
     # head, which cannot come back). Evaluation, compaction and the saved model always gate.
     gate_dead_heads: str = "eval"
 
-    def __post_init__(self):
+    def __post_init__(self):  # the flags, or a prune_config.json read back: each field checked before use
+        for k in ("final_threshold", "final_lambda", "attention_lambda", "ffn_lambda", "warmup_steps", "ramp_steps"):
+            v, steps = getattr(self, k), k.endswith("_steps")
+            if not (type(v) in ((int,) if steps else (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"PruneConfig: {k} must be {'an integer' if steps else 'a number'} >= 0, got {v!r}")
+        if not isinstance(self.block, str):
+            raise ValueError(f"--block: 'RxC' (e.g. 32x32), 'row', 'col' or 'head'; got {self.block!r}")
         if self.pruning_method not in ("sigmoid", "topk"):
             raise ValueError(f"--pruning_method: 'sigmoid' or 'topk', got {self.pruning_method!r}")
         if self.gate_dead_heads not in ("always", "eval"):

@@ -5,10 +5,12 @@ cache, the caches of this project, and the log. Nothing here is part of the meth
 
 Imports bert.py (the model and its tensor names) and blockprune.py (a pruned checkpoint's scores and config).
 """
+import fcntl
 import hashlib
 import http.client
 import io
 import json
+import math
 import os
 import shutil
 import struct
@@ -110,30 +112,54 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 def read_safetensors(path):
+    """{name: tensor} from a safetensors file, its header checked whole before any tensor is made: every dtype
+    known, every shape a list of sizes, every tensor's bytes inside the file and as many as its shape and dtype
+    need, and the tensors one after another with no overlap and no gap, as the format requires. A file that breaks
+    any of it is refused, naming the tensor, rather than read as garbage."""
     path = Path(path)
     data = path.read_bytes()
+
+    def corrupt(why):
+        return ValueError(f"{path}: corrupt or truncated safetensors file ({why})")
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or 8 + n > len(data):  # else a cut-off header that is still valid JSON ('{}') reads as empty
+        raise corrupt(f"the header's length {n} runs past the end of the file, {len(data)} bytes")
     try:
-        (n,) = struct.unpack("<Q", data[:8])
-        if 8 + n > len(data):  # else a cut-off header that is still valid JSON ('{}') reads as no tensors
-            raise ValueError(f"the header length {n} runs past the end of the file, {len(data)} bytes")
         header = json.loads(data[8:8 + n])
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (struct.error, ValueError) as e:
-        raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-    out, base = {}, 8 + n
+    except ValueError as e:  # not JSON, not UTF-8
+        raise corrupt(f"the header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    size, spans = len(data) - 8 - n, []  # the data's bytes; (start, end, name) of each tensor
     for name, t in header.items():
         if name == "__metadata__":
             continue
-        if t["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {t['dtype']}")
-        lo, hi = t["data_offsets"]
-        if base + hi > len(data):
-            raise ValueError(f"{path}: truncated (tensor {name} ends at byte {base + hi}, file has {len(data)})")
-        buf = bytearray(data[base + lo:base + hi])
-        out[name] = torch.frombuffer(buf, dtype=_DTYPES[t["dtype"]]).reshape(t["shape"]) if buf else \
-            torch.empty(t["shape"], dtype=_DTYPES[t["dtype"]])
-    return out
+        t = t if isinstance(t, dict) else {}
+        dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise corrupt(f"tensor {name}: dtype {dtype!r}, expected one of {', '.join(_DTYPES)}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise corrupt(f"tensor {name}: shape {shape!r}, expected a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= size):
+            raise corrupt(f"tensor {name}: data_offsets {offsets!r}, expected [start, end] within the {size} bytes "
+                          "of data")
+        need = math.prod(shape) * _DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != need:
+            raise corrupt(f"tensor {name}: {offsets[1] - offsets[0]} bytes, its shape {shape} of {dtype} needs {need}")
+        spans.append((*offsets, name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            raise corrupt(f"tensor {name} starts at byte {start} of the data, the one before it ends at {end}: "
+                          "tensors overlap or leave a gap")
+        end = stop
+    if end != size:
+        raise corrupt(f"the tensors end at byte {end} of the data, the file holds {size}")
+    base = 8 + n
+    return {name: torch.frombuffer(bytearray(data[base + start:base + stop]), dtype=_DTYPES[header[name]["dtype"]])
+            .reshape(header[name]["shape"]) if stop > start else
+            torch.empty(header[name]["shape"], dtype=_DTYPES[header[name]["dtype"]]) for start, stop, name in spans}
 
 
 def write_safetensors(path, tensors):

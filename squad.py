@@ -127,6 +127,9 @@ def tokenizer_files(d, vocab_size):
         raise ValueError(f"{vocab}: not UTF-8 text ({e})") from None
     if vocab_size < n_tokens:
         raise ValueError(f"{vocab} has more tokens than the model's vocab_size {vocab_size}")
+    if n_tokens < vocab_size and vocab_size not in {-(-n_tokens // m) * m for m in (8, 64, 128)}:  # not padding
+        raise ValueError(f"{vocab} has {n_tokens} tokens, the model's vocab_size is {vocab_size}: not this model's "
+                         "vocab (an embedding table may only round the vocab up to a multiple of 8, 64 or 128)")
     try:
         lowercase = json.loads(tc.read_text(encoding="utf-8")).get("do_lower_case", True) if tc.exists() else True
         if not isinstance(lowercase, bool):  # the tokenizers library takes nothing else

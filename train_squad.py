@@ -38,12 +38,12 @@ from squad import cached_features, postprocess, squad_evaluate, squad_file, toke
 
 # ---- the training loop -----------------------------------------------------------------------------
 
-def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teacher=None, prune=None):
+def train(args, stage, model, features, total, lr, warmup_steps, out_dir, teacher=None, prune=None):
     """One training stage: fine-tuning (no teacher), distillation (the teacher's logits in `features`, or
     a teacher model) or pruning (and a PruneConfig, its schedule already in steps). Returns the model,
     or the MaskedBert when pruning. Resuming, torchrun and stop signals live in small helpers at the end of
     this file."""
-    total, accum = total_steps(args, features, epochs), args.gradient_accumulation_steps
+    accum = args.gradient_accumulation_steps
     net = bp.MaskedBert(model, prune) if prune else model
     net.to(args.device).train()
     groups = (bp.param_groups(net, lr, args.mask_scores_learning_rate, args.weight_decay) if prune else
@@ -74,7 +74,8 @@ def train(args, stage, model, features, epochs, lr, warmup_steps, out_dir, teach
                 progress.micro_step(step, loss)  # kept on the device: checked at logging steps and saves
                 scaler.scale(loss / accum).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+            if args.max_grad_norm > 0:  # 0: no clipping, as in transformers
+                torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -150,8 +151,8 @@ def stage_finetune(args, model_path, out):
     model, vocab, lowercase = load_checkpoint(model_path, dense="--model_name_or_path")
     _, features = features_for(args, vocab, lowercase, "train")
     dev = features_for(args, vocab, lowercase, "dev")
-    steps = total_steps(args, features, args.finetune_epochs)
-    model = train(args, "finetune", model, features, args.finetune_epochs, args.learning_rate,
+    steps = total_steps(args, features, "finetune_epochs")
+    model = train(args, "finetune", model, features, steps, args.learning_rate,
                   round(args.warmup_ratio * steps), out)
     return finish(args, model, out, vocab, lowercase, dev, "finetune", steps)
 
@@ -201,10 +202,11 @@ def stage_prune(args, model_path, teacher_path, out):
     teacher = teacher_logits(args, teacher_path, vocab, features)
     dev = features_for(args, vocab, lowercase, "dev")
     prune = prune_config(args, model.config, features, cost)
-    masked = train(args, "prune", model, features, args.num_train_epochs, args.learning_rate, prune.warmup_steps, out,
+    steps = total_steps(args, features, "num_train_epochs")
+    masked = train(args, "prune", model, features, steps, args.learning_rate, prune.warmup_steps, out,
                    teacher, prune)
     return finish(args, masked, out, vocab, lowercase, dev, "prune (masked)",
-                  total_steps(args, features, args.num_train_epochs))
+                  steps)
 
 
 def stage_compact(args, masked_path, out):
@@ -239,8 +241,9 @@ def stage_fill(args, compact_path, teacher_path, out):
     teacher = teacher_logits(args, teacher_path, vocab, features)
     bp.fill(model, noise=0.01, generator=torch.Generator().manual_seed(args.seed))
     dev = features_for(args, vocab, lowercase, "dev")
-    model = train(args, "fill", model, features, args.fill_epochs, args.learning_rate, 10, out, teacher)
-    return finish(args, model, out, vocab, lowercase, dev, "fill", total_steps(args, features, args.fill_epochs))
+    steps = total_steps(args, features, "fill_epochs")
+    model = train(args, "fill", model, features, steps, args.learning_rate, 10, out, teacher)
+    return finish(args, model, out, vocab, lowercase, dev, "fill", steps)
 
 
 def stage_eval(args, model_path, out):
@@ -352,9 +355,13 @@ def prune_config(args, config=None, features=None, table=None):
     of the cost model's cost (cost_model.keep_fraction): the measured table (cost_table), or FLOPs."""
     steps, density, cost = {}, args.target_density, None
     if features is not None:
-        epoch_steps, total = steps_per_epoch(args, features), total_steps(args, features, args.num_train_epochs)
+        epoch_steps, total = steps_per_epoch(args, features), total_steps(args, features, "num_train_epochs")
         steps = dict(warmup_steps=round(args.initial_warmup * epoch_steps),
-                     ramp_steps=max(1, total - round((args.initial_warmup + args.final_warmup) * epoch_steps)))
+                     ramp_steps=total - round((args.initial_warmup + args.final_warmup) * epoch_steps))
+        if steps["ramp_steps"] < 1:
+            raise ValueError(f"--initial_warmup {args.initial_warmup:g} and --final_warmup {args.final_warmup:g} "
+                             f"epochs leave no step for the threshold's ramp in --num_train_epochs "
+                             f"{args.num_train_epochs:g} ({total} steps)")
     if args.target_speedup is not None and config is not None:
         cost = table or cm.flop_costs(config, args.max_seq_length)
         density = cm.keep_fraction(args.target_speedup, config, cost)
@@ -606,8 +613,9 @@ def parser():
     a("--learning_rate", type=NUMBER, default=3e-5)
     a("--mask_scores_learning_rate", type=NUMBER, default=1e-2)
     a("--weight_decay", type=NUMBER, default=0.0)
-    a("--max_grad_norm", type=NUMBER, default=1.0)
-    a("--warmup_ratio", type=NUMBER, default=0.1, help="fraction of fine-tuning steps with a rising lr")
+    a("--max_grad_norm", type=NUMBER, default=1.0, help="clip the gradients' norm to this (0: no clipping)")
+    a("--warmup_ratio", type=checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]"), default=0.1,
+      help="fraction of fine-tuning steps with a rising lr")
     a("--finetune_epochs", type=NUMBER, default=2.0, help="dense fine-tuning of a teacher")
     a("--num_train_epochs", type=NUMBER, default=20.0, help="pruning epochs")
     a("--fill_epochs", type=NUMBER, default=4.0, help="fine-tuning of the compacted model")
@@ -764,8 +772,13 @@ def steps_per_epoch(args, features):
     return len(features["input_ids"]) // global_batch
 
 
-def total_steps(args, features, epochs):
-    return max(1, round(epochs * steps_per_epoch(args, features)))
+def total_steps(args, features, flag):
+    """The steps of --flag epochs, rounded to whole steps; refused when that is none."""
+    epoch = steps_per_epoch(args, features)
+    if not (total := round(getattr(args, flag) * epoch)):
+        raise ValueError(f"--{flag} {getattr(args, flag):g}: no training step (an epoch is {epoch} steps): give at "
+                         f"least {1 / epoch:.3g}, one step")
+    return total
 
 
 def get_batch(args, features, step, micro):

@@ -125,3 +125,20 @@ def test_a_pruning_step_runs_its_own_ops_once_for_all_layers():
                        bench.operations(lambda: bp.schedule(1, masked), cpu),
                        bench.operations(lambda: report.heads_alive_at(masked, 0.5), cpu))
     assert ops[6] == ops[2] and min(ops[2]) > 0
+
+
+@pytest.mark.parametrize("content", ['{"args": {"max_seq_length": 64', "[]", '{"args": {"max_seq_length": 64}}',
+                                     '{"args": {"max_seq_length": 64, "doc_stride": 16}, "structure": {"layers": '
+                                     '[{"heads": "1", "ffn": 8}], "predicted_speedup": 2}}'])
+def test_study_refuses_a_results_file_it_cannot_use_in_one_line(tmp_path, content):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/results.json").write_text(content)  # cut off; not an object; keys missing; a count as text
+    with pytest.raises(SystemExit, match=rf"^error: --study: {tmp_path / 'run/results.json'}: not the results.json of "
+                                         r"a finished --stage all run \(expected args.max_seq_length"):
+        bench.main(["--study", str(tmp_path)])
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_eval_windows_must_be_a_count_of_windows(value):
+    with pytest.raises(SystemExit, match=f"^error: argument --eval_windows: expected a positive integer, got '{value}'$"):
+        bench.main(["--study", "runs", "--eval_windows", value])

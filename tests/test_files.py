@@ -97,8 +97,45 @@ def test_safetensors_round_trip_and_truncation_is_reported(tmp_path):
     assert all(torch.equal(tensors[k], back[k]) and tensors[k].dtype == back[k].dtype for k in tensors)
     data = (tmp_path / "t.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
-    with pytest.raises(ValueError, match="cut.safetensors: truncated"):
+    with pytest.raises(ValueError, match=r"cut.safetensors: corrupt or truncated safetensors file \(tensor b: "
+                                         r"data_offsets \[48, 88\], expected \[start, end\] within the 82 bytes"):
         files.read_safetensors(tmp_path / "cut.safetensors")
+
+
+def safetensors_with(tmp_path, header, data):
+    body = json.dumps(header).encode()
+    (tmp_path / "t.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + data)
+    return tmp_path / "t.safetensors"
+
+
+@pytest.mark.parametrize("header, data, message", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, bytes(8), r"tensor a: data_offsets \[0, 16\], "
+     r"expected \[start, end\] within the 8 bytes of data"),  # out of range
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), r"tensor a: data_offsets \[8, 0\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2],
+      "data_offsets": [4, 12]}}, bytes(12), "tensor b starts at byte 4 of the data, the one before it ends at 8: "
+     "tensors overlap"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 0]}}, b"", r"tensor a: 0 bytes, its shape \[2\] of F32 "
+     "needs 8"),  # zero-length
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "tensor a: 8 bytes, its shape"),
+    ({"a": {"shape": [2], "data_offsets": [0, 8]}}, bytes(8), "tensor a: dtype None, expected one of F64"),
+    ({"a": {"dtype": "F8_E9", "shape": [2], "data_offsets": [0, 2]}}, bytes(2), "tensor a: dtype 'F8_E9'"),
+    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, bytes(8), "tensor a: shape '2', expected a list"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "tensor a starts at byte 4 of the "
+     "data, the one before it ends at 0"),  # a gap before it
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(12), "the tensors end at byte 8 of the "
+     "data, the file holds 12"),  # bytes no tensor owns
+    ({"a": "F32"}, b"", "tensor a: dtype None"),
+])
+def test_a_safetensors_header_that_lies_is_refused_naming_the_tensor(tmp_path, header, data, message):
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 't.safetensors'}: corrupt or truncated safetensors file "
+                                         rf"\(.*{message}") as e:
+        files.read_safetensors(safetensors_with(tmp_path, header, data))
+    assert "\n" not in str(e.value)
+    bad = tmp_path / "t.safetensors"  # and a header that is no JSON at all
+    bad.write_bytes((5).to_bytes(8, "little") + b"{nope")
+    with pytest.raises(ValueError, match="the header is not JSON"):
+        files.read_safetensors(bad)
 
 
 def test_safetensors_header_length_past_the_end_is_corrupt_not_empty(tmp_path):

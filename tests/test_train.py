@@ -106,6 +106,13 @@ def test_teacher_with_another_vocab_is_refused(small_run, tmp_path, shared):
     ("--pruning_method", "magnitude", "--pruning_method: 'sigmoid' or 'topk', got 'magnitude'"),
     ("--gate_dead_heads", "never", "--gate_dead_heads: 'always' or 'eval', got 'never'"),
     ("--cost_table", "nosuch.json --cost_model measured", "--cost_table nosuch.json: [Errno 2] No such file"),
+    # numbers that would mean something other than their names: nothing rounded or clipped in silence
+    ("--num_train_epochs", "0.01", "--num_train_epochs 0.01: no training step (an epoch is 15 steps): give at least "
+                                   "0.0667, one step"),
+    ("--num_train_epochs", "0", "--num_train_epochs 0: no training step"),
+    ("--initial_warmup", "15", "--initial_warmup 15 and --final_warmup 6 epochs leave no step for the threshold's "
+                               "ramp in --num_train_epochs 20 (300 steps)"),
+    ("--warmup_ratio", "1.5", "argument --warmup_ratio: expected a fraction in [0, 1], got '1.5'"),
 ])
 def test_invalid_flags_are_refused_in_one_line_naming_the_flag(small_run, tmp_path, flag, value, message, capsys):
     out, _ = small_run
@@ -428,10 +435,26 @@ def test_teacher_vocab_is_compared_token_by_token_naming_the_first_difference(tm
     ("prune_config.json", '{"block": "8x8", "bogus": 1}', "prune_config.json: not a usable prune config"),
     ("prune_config.json", '{"block": "16x16"}', "scores.safetensors: 8 scores do not fit the model and prune_config"),
     ("scores.safetensors", b"", "scores.safetensors: corrupt or truncated safetensors file"),
+    # files that parse, and lie: checked field by field when read, before any work
+    ("config.json", {"vocab_size": 0}, "config.json: not a usable BERT config (BertConfig: vocab_size must be an "
+                                       "integer above 0, got 0)"),
+    ("config.json", {"pad_token_id": 452}, "BertConfig: pad_token_id must be an id below vocab_size 452, got 452"),
+    ("config.json", {"hidden_size": "128"}, "BertConfig: hidden_size must be an integer above 0, got '128'"),
+    ("config.json", {"num_attention_heads": 3, "attention_head_size": 0},
+     "BertConfig: num_attention_heads must be a divisor of hidden_size 128"),
+    ("config.json", {"layer_norm_eps": None}, "BertConfig: layer_norm_eps must be a number above 0, got None"),
+    ("prune_config.json", {"final_lambda": "20"}, "PruneConfig: final_lambda must be a number >= 0, got '20'"),
+    ("prune_config.json", {"ramp_steps": 2.5}, "PruneConfig: ramp_steps must be an integer >= 0, got 2.5"),
+    ("vocab.txt", lambda text: "\n".join(text.splitlines()[:226]), "vocab.txt has 226 tokens, the model's vocab_size "
+                                                                    "is 452: not this model's vocab"),
 ])
 def test_broken_checkpoint_file_is_named_in_one_line(tmp_path, name, body, message):
     model, vocab, _ = ts.load_checkpoint("tiny")
     ts.save_checkpoint(bp.MaskedBert(model, bp.PruneConfig(block="8x8")), tmp_path, vocab, True)
+    if isinstance(body, dict):  # one field of the file changed
+        body = json.dumps({**json.loads((tmp_path / name).read_text()), **body})
+    elif callable(body):
+        body = body((tmp_path / name).read_text())
     (tmp_path / name).write_bytes(body.encode() if isinstance(body, str) else body)
     with pytest.raises(ValueError) as e:
         ts.load_checkpoint(str(tmp_path))
@@ -491,6 +514,16 @@ def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(tm
     got = json.loads((tmp_path / "two" / "metrics.json").read_text())  # the first process evaluated every question
     questions = len(squad.load_squad(ts.DATA_DIR / "sample-dev.json"))
     assert abs(got["f1"] - m["f1"]) <= 100 / questions and abs(got["exact_match"] - m["exact_match"]) <= 100 / questions
+
+
+def test_max_grad_norm_0_means_no_clipping_as_in_transformers(tmp_path):
+    start, _ = dropout_free_start(tmp_path)
+    flags = ["--stage", "finetune", "--model_name_or_path", str(tmp_path / "start"), "--finetune_epochs", "0.5"]
+    run(tmp_path / "zero", *flags, "--max_grad_norm", "0")
+    run(tmp_path / "huge", *flags, "--max_grad_norm", "1e30")  # a bound no gradient reaches: no clipping either
+    zero, huge = (files.load_pretrained(tmp_path / d) for d in ("zero", "huge"))
+    assert not torch.equal(zero.qa_outputs.weight, start.qa_outputs.weight)  # it trained
+    assert_same_bits(zero, huge)
 
 
 def test_gradient_accumulation_takes_the_steps_of_the_whole_batch(tmp_path):
