@@ -28,9 +28,9 @@ def keep_fraction(speedup, dense, cost):
     S there is."""
     total, fixed = model_cost(dense, cost), cost["fixed"]
     if speedup * fixed >= total:
-        raise ValueError(f"--target_speedup {speedup:g}: what no pruning removes (embeddings, LayerNorms, the task's "
-                         f"head, each layer's constant) takes {100 * fixed / total:.1f} % of the dense model's measured "
-                         f"time: the reachable speed-ups are below {total / fixed:.2f}x")
+        raise ValueError(f"--target_speedup {speedup:g}: what no pruning removes (embeddings, LayerNorms, the "
+                         f"task's head, each layer's constant) takes {100 * fixed / total:.1f} % of the dense model's "
+                         f"measured time: the reachable speed-ups are below {total / fixed:.2f}x")
     return (total / speedup - fixed) / (total - fixed)
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict
@@ -61,24 +62,25 @@ def load_pretrained(name_or_dir, build=BertForQuestionAnswering, cache_dir=None)
     return model
 
 
+def checkpoint_files(model, vocab_file=None):
+    """{file name: bytes} of a checkpoint: config.json, model.safetensors (Hugging Face names), vocab.txt; a pruned
+    model (blockprune.MaskedBert) adds its scores.safetensors and prune_config.json."""
+    if isinstance(model, bp.MaskedBert):
+        return {**checkpoint_files(model.model, vocab_file),
+                "scores.safetensors": safetensors_bytes({k: v.detach() for k, v in model.scores.items()}),
+                "prune_config.json": json.dumps(asdict(model.config), indent=2).encode()}
+    return {"config.json": json.dumps({**model.config.to_dict(), "architectures": [type(model).__name__]},
+                                      indent=2).encode(),
+            "model.safetensors": safetensors_bytes(hf_state_dict(model)),
+            **({"vocab.txt": Path(vocab_file).read_bytes()} if vocab_file is not None else {})}
+
+
 def save_pretrained(model, out_dir, vocab_file=None, extra_files=None):
-    """config.json + model.safetensors (Hugging Face names) + vocab.txt (+ extra_files, {name: bytes}), written as
-    one unit (write_files): a crash leaves the old checkpoint or the new one, never a mix."""
-    files = {"config.json": json.dumps({**model.config.to_dict(), "architectures": [type(model).__name__]},
-                                       indent=2).encode(),
-             "model.safetensors": safetensors_bytes(hf_state_dict(model)),
-             **({"vocab.txt": Path(vocab_file).read_bytes()} if vocab_file is not None else {}),
-             **(extra_files or {})}
-    # an older checkpoint's files that would otherwise lie beside the new weights: pickled weights, and a pruned
-    # checkpoint's scores (save_masked), which would make the new one load as a masked model
-    write_files(out_dir, files, remove=("pytorch_model.bin", "scores.safetensors", "prune_config.json"))
-
-
-def save_masked(masked, out_dir, vocab_file=None, extra_files=None):
-    """A pruned model: its BERT's checkpoint with scores.safetensors and prune_config.json, written as one unit."""
-    save_pretrained(masked.model, out_dir, vocab_file, {
-        "scores.safetensors": safetensors_bytes({k: v.detach() for k, v in masked.scores.items()}),
-        "prune_config.json": json.dumps(asdict(masked.config), indent=2).encode(), **(extra_files or {})})
+    """A model's checkpoint (checkpoint_files, plus extra_files: {name: bytes}) written as one unit (write_files): a
+    crash leaves the old checkpoint or the new one, never a mix. The files of another checkpoint that the new one
+    lacks go: pickled weights, and a pruned model's scores, which would make a plain one load as pruned."""
+    write_files(out_dir, {**checkpoint_files(model, vocab_file), **(extra_files or {})},
+                remove=("pytorch_model.bin", "scores.safetensors", "prune_config.json"))
 
 
 def load_masked(path, build=BertForQuestionAnswering):
@@ -246,6 +248,46 @@ def finish_write(d):
                 os.replace(f, d / f.name)
         remove.unlink(missing_ok=True)
         commit.rmdir()
+
+
+def digest(data):
+    """sha256 of bytes, 16 hex digits."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprint(path):
+    """The digest of a file's bytes, or of what a checkpoint directory holds (its config, weights, scores, vocab):
+    what a stage records of its inputs, so that --resume can tell a file changed since."""
+    path = Path(path)
+    if path.is_file():
+        return digest(path.read_bytes())
+    names = ("config.json", "model.safetensors", "pytorch_model.bin", "scores.safetensors", "prune_config.json",
+             "vocab.txt", "tokenizer_config.json")
+    return digest("".join(f"{n} {digest((path / n).read_bytes())} " for n in names if (path / n).exists()).encode())
+
+
+_HELD = {}  # directory: its open .lock file; the kernel lets go of the lock when the process ends, however it ends
+
+
+def hold(d):
+    """Take directory d for this process until it ends, or refuse (ValueError) naming the process that holds it.
+    The lock is the kernel's (flock) on d/.lock: a run that was killed holds nothing, so it never blocks the next."""
+    d = Path(d).resolve()
+    if d in _HELD:
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    f = open(d / ".lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{d}: in use by {holder}: wait for it to end, or give another --output_dir") from None
+    f.truncate(0)
+    f.write(f"process {os.getpid()} (python {' '.join(sys.argv)[:160]}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    f.flush()
+    _HELD[d] = f
 
 
 def save_torch(path, obj):

@@ -5,6 +5,7 @@ and the head-pruning picture (heads.png) that shows the paper's finding: blocks 
 
 Imports blockprune.py and cost_model.py; matplotlib, for the pictures, only where it is installed.
 """
+import io
 from dataclasses import replace
 
 import torch
@@ -158,11 +159,19 @@ def pyplot():
         return None
 
 
-def plot_report(r, path, speedup=None):
-    """Bars of heads and FFN width per layer, as a PNG, titled with the predicted speed-up (and the measured
-    one, when given); skipped (returns False) without matplotlib."""
+def png(plt, fig):
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_report(r, speedup=None):
+    """Bars of heads and FFN width per layer, as PNG bytes, titled with the predicted speed-up (and the measured
+    one, when given); None without matplotlib."""
     if (plt := pyplot()) is None:
-        return False
+        return None
     layers = [x["layer"] for x in r["layers"]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3))
     a.bar(layers, [x["heads"] for x in r["layers"]], color="tab:blue")
@@ -172,19 +181,17 @@ def plot_report(r, path, speedup=None):
     fig.suptitle(f"{100 * r['linear_density']:.1f} % of linear parameters kept; speed-up {r['predicted_speedup']:.2f}x"
                  f" predicted ({r['cost_model']})" + (f", {speedup:.2f}x measured" if speedup else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return png(plt, fig)
 
 
 @torch.no_grad()
-def plot_masks(masked, path):
+def plot_masks(masked):
     """The head-pruning picture, as a PNG: per layer (rows) the Q, K, V and output masks at the final threshold,
     head boundaries drawn (a head is a band of rows of Q, K, V and a band of columns of the output), blocks kept
     in surviving heads, blocks kept in removed heads (compaction cuts them) and pruned blocks in three colours,
-    and a strip of the FFN units kept. Skipped (returns False) without matplotlib."""
+    and a strip of the FFN units kept. As PNG bytes; None without matplotlib."""
     if (plt := pyplot()) is None:
-        return False
+        return None
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
     s, m = head_pruning_stats(masked), masked.masks(masked.config.final_threshold, gate=True)
@@ -218,6 +225,4 @@ def plot_masks(masked, path):
     fig.suptitle(f"{s['heads_removed']}/{s['heads_total']} heads removed whole; of the attention weights pruned, "
                  f"{100 * f:.1f} % lie in removed heads, {100 * (1 - f):.1f} % in surviving ones", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return png(plt, fig)

@@ -120,22 +120,40 @@ def qa_loss(args, start, end, batch, teacher=None):
 # Each stage reads its inputs from checkpoint directories and writes its own, so that any stage can be
 # run alone, and --resume can skip the stages a killed run had already finished (once).
 
-def save_checkpoint(model, out, vocab, lowercase):
-    """The model, its vocab and tokenizer_config.json into out as one unit (files.write_files)."""
-    extra = {"tokenizer_config.json": json.dumps({"do_lower_case": lowercase}).encode()}
-    if isinstance(model, bp.MaskedBert):
-        files.save_masked(model, out, vocab, extra)
-    else:
-        files.save_pretrained(model, out, vocab, extra)
+# What a stage writes into its directory, besides a model: an earlier run's are never written over in silence
+# (check_outputs), and a stage's model and records are written as one unit (write_unit).
+RECORDS = ("metrics.json", "predictions.json", "report.json", "structure.png", "heads.png", "results.json")
+
+
+def save_checkpoint(model, out, vocab, lowercase, records=None):
+    """The model (pruned or not), its vocab and tokenizer_config.json, with the stage's records ({name: bytes or a
+    dict}), into out as one unit (write_unit)."""
+    write_unit(out, {**files.checkpoint_files(model, vocab), **(records or {}),
+                     "tokenizer_config.json": json.dumps({"do_lower_case": lowercase}).encode()})
+
+
+def write_unit(out, unit):
+    """Write what a stage made as one unit (files.write_files: a kill leaves the old files or the new ones, never
+    predictions beside the metrics of another model). metrics.json, a dict here, records the digest of every
+    other file of the unit: --resume skips a finished stage only while they are the files it wrote (once). A unit
+    with a model replaces an earlier unit whole: the records and checkpoint files that it lacks go."""
+    unit = {k: json.dumps(v).encode() if k == "predictions.json" else v for k, v in unit.items()}
+    if metrics := unit.get("metrics.json"):  # (the caller's dict: it returns the metrics as saved)
+        metrics["outputs"] = {k: files.digest(v) for k, v in unit.items() if k != "metrics.json"}
+        unit["metrics.json"] = json.dumps(metrics, indent=2).encode()
+    model = "model.safetensors" in unit
+    files.write_files(out, unit, remove=RECORDS + ("pytorch_model.bin", "scores.safetensors", "prune_config.json")
+                      if model else ())
 
 
 def finish(args, model, out, vocab, lowercase, dev, name, steps):
-    """The end of a training stage: save the model, evaluate it (metrics.json marks the stage as finished),
-    then delete the training state the stage wrote (weights + AdamW: large). The first process only."""
+    """The end of a training stage: evaluate the model, save it with its metrics.json (which marks the stage as
+    finished) and its predictions, then delete the training state the stage wrote (weights + AdamW: large). The
+    first process only."""
     if get_rank():
         return None
-    save_checkpoint(model, out, vocab, lowercase)
-    metrics = evaluate(args, model, *dev, out, name, steps)
+    metrics, predictions = evaluate(args, model, *dev, name, steps)
+    save_checkpoint(model, out, vocab, lowercase, {"metrics.json": metrics, "predictions.json": predictions})
     (out / "training_state.pt").unlink(missing_ok=True)
     return metrics
 
@@ -223,11 +241,12 @@ def stage_compact(args, masked_path, out):
     r = {**report.compact_report(small, masked.model.config, args.max_seq_length, masked.config.cost),
          "max_logit_difference_from_masked": max((a - c).abs().max().item(), (b - d).abs().max().item()),
          "head_pruning": report.head_pruning_stats(masked)}  # how much of the pruning removed whole heads
-    save_checkpoint(small, out, vocab, lowercase)
-    atomic_write(out / "report.json", json.dumps(r, indent=2).encode())
-    if not (report.plot_report(r, out / "structure.png") and report.plot_masks(masked, out / "heads.png")):
+    pictures = {"structure.png": report.plot_report(r), "heads.png": report.plot_masks(masked)}
+    if None in pictures.values():
         log(f"compact: matplotlib is not installed, so {out / 'structure.png'} and heads.png were not drawn "
             "(pip install matplotlib, then run --stage compact again)")
+    save_checkpoint(small, out, vocab, lowercase, {"report.json": json.dumps(r, indent=2).encode(),
+                                                   **{k: v for k, v in pictures.items() if v}})
     h, diff = r["head_pruning"], r["max_logit_difference_from_masked"]
     log(report.format_report(r) + f"\ncompacted vs masked logits: max difference {diff:.2e}"
         f"\n{h['heads_removed']}/{h['heads_total']} heads removed whole, holding "
@@ -248,7 +267,10 @@ def stage_fill(args, compact_path, teacher_path, out):
 
 def stage_eval(args, model_path, out):
     model, vocab, lowercase = load_checkpoint(model_path)
-    return evaluate(args, model, *features_for(args, vocab, lowercase, "dev"), out, "eval")
+    metrics, predictions = evaluate(args, model, *features_for(args, vocab, lowercase, "dev"), "eval")
+    if not get_rank():
+        write_unit(out, {"metrics.json": metrics, "predictions.json": predictions})
+    return metrics
 
 
 def stage_all(args, out):
@@ -281,7 +303,8 @@ def stage_all(args, out):
     results["speedup"] = seconds["teacher"] / seconds["final"]
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     s, r = results["filled"], results["structure"]
-    report.plot_report(r, out / "compact" / "structure.png", results["speedup"])  # again, with the measured speed-up
+    if picture := report.plot_report(r, results["speedup"]):  # again, with the measured speed-up
+        atomic_write(out / "compact" / "structure.png", picture)
     log(f"final ({out}): F1 {s['f1']:.2f} EM {s['exact_match']:.2f} (teacher F1 {results['teacher']['f1']:.2f}), "
         f"heads {r['heads']}/{r['heads_dense']}, linear params {100 * r['linear_density']:.1f} %, "
         f"speed-up {results['speedup']:.2f}x over the teacher ({r['predicted_speedup']:.2f}x predicted by the "
@@ -293,27 +316,54 @@ def stage_all(args, out):
 def once(args, d, fn, *inputs):
     """Run a training stage (or the teacher's evaluation) into d. With --resume it continues the stage's training
     state, or skips the stage when its metrics.json says it finished; both only if the stage was run with the same
-    settings (stage_settings), which it saves with its state and its metrics. Without --resume, a stopped run's
-    state is never overwritten."""
+    settings (stage_settings), and a finished one only while its files are those it wrote and its inputs those it
+    read (their digests, in its metrics.json): a stage whose inputs changed runs again, files changed under a
+    finished one are refused. Without --resume, a stopped run's state is never overwritten."""
     stage = fn.__name__.removeprefix("stage_")
-    settings = stage_settings(args, stage)
+    settings, digests = stage_settings(args, stage), input_digests(args, stage, inputs)
     state, metrics = d / "training_state.pt", d / "metrics.json"
+    if not get_rank():
+        hold(d)
     if args.resume and state.exists():
         same_settings(state, read_state(state, mmap=True).get("settings"), settings)
     elif args.resume and metrics.exists():
         if not (done := saved_metrics(d)):  # cut off by hand, not UTF-8, not a JSON object: name the file
             raise ValueError(f"{metrics}: not a metrics file; run without --resume to redo the stage")
         same_settings(metrics, done.get("settings"), settings)
-        log(f"{d}: done already, skipped")
-        return done
-    elif state.exists():
-        raise ValueError(f"{state}: the training state of a stopped run: --resume continues it; move it away (or give "
-                         "another --output_dir) to start afresh")
-    elif stage != "eval":  # a crash before the new metrics.json must not let --resume skip the stage on the old one
-        metrics.unlink(missing_ok=True)
-    result = fn(argparse.Namespace(**vars(args), settings=settings), *inputs, d)
+        if changed := changed_output(d, done):
+            raise ValueError(f"{d / changed}: not the file the stage wrote (its metrics.json records another): run "
+                             "without --resume (with --overwrite_output_dir) to redo the stage")
+        if done.get("inputs") == digests:
+            log(f"{d}: done already, skipped")
+            return done
+        changed = [k for k in digests if digests[k] != (done.get("inputs") or {}).get(k)]
+        log(f"{d}: its input ({', '.join(changed)}) changed since the stage ran: it runs again")
+    elif state.exists() and not args.overwrite_output_dir:
+        raise ValueError(f"{state}: the training state of a stopped run: --resume continues it, "
+                         "--overwrite_output_dir starts the stage afresh")
+    result = fn(argparse.Namespace(**vars(args), settings=settings, inputs=digests), *inputs, d)
     barrier()  # under torchrun: the first process has written d before the others read it
     return result
+
+
+def input_digests(args, stage, inputs):
+    """What a stage reads, by content: its checkpoints (--model_name_or_path or the stage before's, --teacher) and
+    the data files, each as files.fingerprint."""
+    digest = {"model": inputs[0], "teacher": inputs[1] if len(inputs) > 1 else None,
+              "train_file": None if stage == "eval" else args.train_file, "dev_file": args.dev_file}
+    for k, v in digest.items():
+        if v is not None and v != "tiny":  # "tiny": drawn afresh from the seed, not read
+            digest[k] = files.fingerprint(squad_file(v) if k.endswith("_file") else files.resolve_checkpoint(v))
+    return digest
+
+
+def changed_output(d, metrics):
+    """The first file of d that is not what the stage that wrote metrics wrote (its digest, write_unit), else None."""
+    outputs = metrics.get("outputs")
+    if not isinstance(outputs, dict):
+        return "metrics.json (made by an older version, which did not record its files)"
+    return next((f for f, h in outputs.items() if not (d / f).is_file() or files.digest((d / f).read_bytes()) != h),
+                None)
 
 
 def stage_settings(args, stage):
@@ -467,21 +517,19 @@ def race(args, models, features, rounds=3, name="speed"):
     return {k: min(v) for k, v in seconds.items()}
 
 
-def evaluate(args, model, examples, features, out_dir, name, steps=None):
-    """Dev EM/F1 with the official metric; predictions.json and metrics.json (with the training steps that made
-    the model, when given) into out_dir, by the first process only under torchrun."""
+def evaluate(args, model, examples, features, name, steps=None):
+    """(metrics, predictions): dev EM/F1 with the official metric, with the training steps that made the model
+    (when given), and what --resume checks (once): the stage's settings and the digests of its inputs. The first
+    process only under torchrun: (None, None) for the others."""
     if get_rank():
-        return None
+        return None, None
     start, end, seconds = predict(args, model, features, name=f"{name}: dev evaluation")
     predictions = postprocess(examples, features, start, end, args.n_best_size, args.max_answer_length)
     metrics = {**squad_evaluate(examples, predictions), "eval_seconds": seconds, "windows": len(start),
                "evaluated_on": eval_key(args), **({"steps": steps} if steps else {}),
-               "settings": getattr(args, "settings", None)}  # what --resume compares (once)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "predictions.json", json.dumps(predictions).encode())
-    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+               "settings": getattr(args, "settings", None), "inputs": getattr(args, "inputs", None)}
     log(f"{name}: EM {metrics['exact_match']:.2f} F1 {metrics['f1']:.2f} ({seconds:.1f} s in the model)")
-    return metrics
+    return metrics, predictions
 
 
 def eval_key(args):
@@ -493,10 +541,11 @@ def eval_key(args):
 
 
 def evaluated(args, model_dir):
-    """model_dir's metrics.json when it was made on this dev set with these settings (eval_key), else None:
-    --stage all then does not evaluate a given --teacher again (11 minutes on CPU for the MiniLM study)."""
+    """model_dir's metrics.json when it was made on this dev set with these settings (eval_key), of the files it
+    lies beside, else None: --stage all then does not evaluate a given --teacher again (11 minutes on CPU for the
+    MiniLM study)."""
     metrics = saved_metrics(model_dir)
-    if metrics.get("evaluated_on") == eval_key(args):
+    if metrics.get("evaluated_on") == eval_key(args) and not changed_output(model_dir, metrics):
         log(f"--teacher {model_dir}: its metrics.json is of this dev set and these settings; not evaluated again")
         return metrics
     return None
@@ -578,6 +627,7 @@ def checked(convert, ok, expected):
 POSITIVE = checked(int, lambda v: v > 0, "a positive integer")
 COUNT = checked(int, lambda v: v >= 0, "an integer >= 0")
 NUMBER = checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")  # NaN fails too
+NAME = checked(str, bool, "a directory or name, not ''")  # '' would be the current directory, in silence
 TARGET = checked(lambda t: None if t == "none" else float(t), lambda v: True, "a number or 'none'")
 DEVICE = checked(torch.device,  # not meta, mps...: none of them runs this
                  lambda d: d.type == "cpu" or d.type == "cuda" and (d.index or 0) < torch.cuda.device_count(),
@@ -594,15 +644,17 @@ def parser():
       help="a set of defaults: the paper's recipe, 'small' (offline, about half a minute on 2 CPU cores) or 'minilm' "
            "(the study)")
     a("--stage", choices=["finetune", "prune", "compact", "fill", "eval", "all"], default="all")
-    a("--model_name_or_path", default="bert-base-uncased",
+    a("--model_name_or_path", type=NAME, default="bert-base-uncased",
       help="pretrained checkpoint (finetune, prune, all), pruned one (compact), compacted one (fill), any (eval)")
     a("--teacher", default="csarron/bert-base-uncased-squad-v1", help="fine-tuned QA model to distil from; "
       "'' with --stage all fine-tunes one first")
     a("--train_file", default="train", help="SQuAD v1.1 train JSON, or 'train' to download the official file")
     a("--max_train_questions", type=POSITIVE, help="train on the file's first N questions only")
     a("--dev_file", default="dev", help="SQuAD v1.1 dev JSON, or 'dev' to download the official file")
-    a("--output_dir", default="runs/bert-base-uncased")
+    a("--output_dir", type=NAME, default="runs/bert-base-uncased")
     a("--resume", action="store_true", help="continue from the training state and finished stages in output_dir")
+    a("--overwrite_output_dir", action="store_true", help="a new run into an output_dir that holds an earlier run's "
+      "results replaces them (else it is refused)")
     a("--max_seq_length", type=POSITIVE, default=384)
     a("--doc_stride", type=COUNT, default=128, help="tokens of overlap between the windows of a long context")
     a("--n_best_size", type=POSITIVE, default=20)
@@ -711,8 +763,9 @@ def main(argv=None):
 
 
 def check_outputs(args, out):
-    """Before any work: every directory the command writes can be written, none of them is one of its inputs,
-    and what a killed run left behind is cleaned up (its temporary files)."""
+    """Before any work: every directory the command writes can be written, is none of its inputs, is held by this
+    run alone (a second run is refused while it lives) and holds no earlier run's results, unless --resume goes on
+    with them or --overwrite_output_dir replaces them; what a killed run left there is cleaned up."""
     subdirs = [out / d for d in ("teacher", "pruned", "compact", "filled")] if args.stage == "all" else []
     for d in [out, DATA_DIR / "cache", *(d for d in subdirs if d.exists())]:  # a subdirectory is made when used
         what = "--output_dir" if d == out else str(d)
@@ -726,9 +779,6 @@ def check_outputs(args, out):
         except OSError as e:  # no permission, a read-only disk: say which flag, not a bare [Errno 13]
             raise OSError(f"{what} {d}: cannot write there ({e.strerror or e})") from None
         files.remove_leftovers(d)  # atomic_write's temporary files, left by a process that was killed
-    if args.stage in ("eval", "compact") and "seed" in (saved_metrics(out).get("settings") or {}):  # --resume's
-        raise ValueError(f"--output_dir {out}: holds a training stage's results (metrics.json), which --stage "
-                         f"{args.stage} would write over: give another --output_dir")
     if args.stage != "eval":  # a stage that wrote over its own input would lose it
         for name in ("model_name_or_path", "teacher"):
             given = Path(getattr(args, name))
@@ -736,6 +786,29 @@ def check_outputs(args, out):
             if given.is_dir() and any(given.resolve() == d.resolve() for d in subdirs[1:] or [out]):
                 raise ValueError(f"--output_dir {out}: the stage would write over --{name} {given}: give another "
                                  "--output_dir")
+    if not get_rank():  # the run holds its directories (a stage all's subdirectories, as it uses them: once)
+        for d in [out, *(d for d in subdirs if d.exists())]:
+            hold(d)
+    earlier = [d / f for d in [out, *subdirs] for f in RECORDS + ("model.safetensors", "pytorch_model.bin")
+               if (d / f).exists()]
+    if args.stage == "eval":  # its records go beside the model it evaluates, or beside none
+        evaluated_dir = Path(args.model_name_or_path).resolve()
+        earlier = [f for f in earlier if f.name in RECORDS or f.parent.resolve() != evaluated_dir]
+    if earlier and not (args.resume and args.stage not in ("eval", "compact")):  # (those two run again anyway)
+        if not args.overwrite_output_dir:
+            raise ValueError(f"--output_dir {out}: holds an earlier run's results ({earlier[0]}): --resume goes on "
+                             "with them, --overwrite_output_dir replaces them, or give another --output_dir")
+        for f in earlier:  # the records; each stage replaces its model (with its records, as one unit)
+            if f.name in RECORDS:
+                f.unlink()
+
+
+def hold(d):
+    """Take directory d for this run (files.hold), or refuse naming the process that has it."""
+    try:
+        files.hold(d)
+    except ValueError as e:
+        raise ValueError(f"--output_dir {e}") from None
 
 
 def cli(argv=None):

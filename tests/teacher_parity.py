@@ -33,7 +33,8 @@ def main(argv=None):
     path = Path(args.model_name_or_path)
     load_checkpoint, save_checkpoint = ts.load_checkpoint, ts.save_checkpoint
     ts.load_checkpoint = lambda name, dense=None: (TransformersQA(path), path / "vocab.txt", True)
-    ts.save_checkpoint = lambda model, out, vocab, lowercase: model.hf.save_pretrained(out)
+    ts.save_checkpoint = lambda model, out, vocab, lowercase, records: (model.hf.save_pretrained(out),
+                                                                         ts.write_unit(out, records))
     try:
         return ts.stage_finetune(args, str(path), Path(args.output_dir))
     finally:

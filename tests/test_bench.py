@@ -140,5 +140,6 @@ def test_study_refuses_a_results_file_it_cannot_use_in_one_line(tmp_path, conten
 
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_eval_windows_must_be_a_count_of_windows(value):
-    with pytest.raises(SystemExit, match=f"^error: argument --eval_windows: expected a positive integer, got '{value}'$"):
+    with pytest.raises(SystemExit, match=f"^error: argument --eval_windows: expected a positive integer, got "
+                                         f"'{value}'$"):
         bench.main(["--study", "runs", "--eval_windows", value])

@@ -46,7 +46,7 @@ def test_a_sentence_classifier_is_pruned_distilled_and_compacted_to_its_masked_s
         opt.zero_grad()
     bp.end_of_schedule(masked, 30)
 
-    files.save_masked(masked, tmp_path)  # and back, rebuilt by the classifier's class
+    files.save_pretrained(masked, tmp_path)  # and back, rebuilt by the classifier's class
     masked = files.load_masked(tmp_path, BertForSequenceClassification).eval()
     small = bp.compact(masked).eval()
     ids = torch.randint(1, 100, (4, 16))

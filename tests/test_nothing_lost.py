@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,7 +143,8 @@ def test_every_flag_is_checked_on_resume_or_named_as_one_that_may_change():
     settings = {s: ts.stage_settings(args, s) for s in ("finetune", "prune", "fill", "eval")}
     may_change = {"save_steps", "logging_steps", "device", "per_device_eval_batch_size", "no_teacher_cache",
                   "speed_windows", "compile"}  # a new flag must go into stage_settings or, said so, here
-    assert set(vars(args)) - set().union(*settings.values()) == may_change | {"output_dir", "preset", "resume", "stage"}
+    assert set(vars(args)) - set().union(*settings.values()) == may_change | {"output_dir", "preset", "resume", "stage",
+                                                                              "overwrite_output_dir"}
     assert all(f"--{k}" in ts.stage_settings.__doc__ for k in may_change)
     for k in settings["prune"]:  # each one changed is refused, naming it
         with pytest.raises(ValueError, match=f"^{'torchrun processes' if k == 'processes' else '--' + k}: x was made"):
@@ -173,16 +176,35 @@ def test_a_stopped_run_is_never_overwritten_without_resume(teacher, stopped):
     assert (stopped / "training_state.pt").read_bytes() == state
 
 
-def test_eval_or_compact_into_a_finished_training_stages_directory_is_refused(tmp_path):
-    run(tmp_path, "--stage", "finetune")
-    metrics = (tmp_path / "metrics.json").read_bytes()
-    with pytest.raises(ValueError, match=f"^--output_dir {tmp_path}: holds a training stage's results"):
-        run(tmp_path, "--stage", "eval", "--model_name_or_path", str(tmp_path))
-    assert (tmp_path / "metrics.json").read_bytes() == metrics
+def test_a_new_run_into_a_directory_that_holds_results_is_refused_unless_told_to_overwrite(teacher, tmp_path):
+    first = run(tmp_path, "--stage", "finetune")
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    model, vocab, _ = ts.load_checkpoint("tiny")
+    pruned = tmp_path.parent / f"{tmp_path.name}-pruned"
+    ts.save_checkpoint(bp.MaskedBert(model, bp.PruneConfig(block="8x8")), pruned, vocab, True)
+    for flags in (["--stage", "finetune", "--seed", "3"],  # the same stage with another flag
+                  ["--stage", "eval", "--model_name_or_path", str(teacher)],  # records beside another model
+                  ["--stage", "eval", "--model_name_or_path", str(tmp_path)],  # records over the stage's own
+                  ["--stage", "compact", "--model_name_or_path", str(pruned)],
+                  ["--stage", "compact", "--model_name_or_path", str(pruned), "--resume"]):
+        with pytest.raises(ValueError, match=rf"^--output_dir {tmp_path}: holds an earlier run's results \({tmp_path}/"
+                                             r"\S+\): --resume goes on with them, --overwrite_output_dir replaces "
+                                             "them, or give another --output_dir$"):
+            run(tmp_path, *flags)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept  # nothing lost
+    assert run(tmp_path, "--stage", "finetune", "--resume") == first  # --resume goes on (here: nothing to do)
+    other = run(tmp_path, "--stage", "finetune", "--seed", "3", "--overwrite_output_dir")  # told to: replaced, whole
+    assert other["settings"]["seed"] == 3 and ts.saved_metrics(tmp_path) == other
+    assert not ts.changed_output(tmp_path, other)  # the model, vocab, predictions... are the new run's
     run(tmp_path / "eval", "--stage", "eval", "--model_name_or_path", str(tmp_path))  # elsewhere, as the README says
-    with pytest.raises(ValueError, match=f"^--output_dir {tmp_path}: holds .* which --stage compact would write over"):
-        run(tmp_path, "--stage", "compact", "--model_name_or_path", str(tmp_path))  # compact's save_pretrained too
-    assert (tmp_path / "metrics.json").read_bytes() == metrics
+
+
+def test_the_quick_start_run_again_with_another_flag_is_refused_not_merged(teacher, tmp_path):
+    run(tmp_path, "--teacher", str(teacher))
+    results = (tmp_path / "results.json").read_bytes()
+    with pytest.raises(ValueError, match=rf"^--output_dir {tmp_path}: holds an earlier run's results"):
+        run(tmp_path, "--teacher", str(teacher), "--target_density", "0.5")
+    assert (tmp_path / "results.json").read_bytes() == results
 
 
 def test_eval_into_a_stopped_runs_directory_keeps_its_training_state(teacher, stopped):
@@ -324,3 +346,94 @@ def test_a_broken_metrics_file_on_resume_is_named_in_one_line(tmp_path, content)
     with pytest.raises(ValueError, match=rf"^{tmp_path / 'metrics.json'}: (not a metrics file|made by an older)") as e:
         run(tmp_path, "--stage", "finetune", "--resume")
     assert "\n" not in str(e.value)
+
+
+# ---- a run owns its directory; a result and its files are one unit; --resume checks what they are -----------------
+
+def test_a_directory_in_use_is_refused_naming_the_process_and_a_killed_runs_lock_is_not(tmp_path):
+    p = subprocess.Popen([sys.executable, ts.__file__, *FEW, "--stage", "finetune", "--finetune_epochs", "300",
+                          "--save_steps", "0", "--logging_steps", "1", "--output_dir", str(tmp_path / "pruned")],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:  # training: the directory is held
+            if line.startswith("finetune step"):
+                break
+        held = rf"in use by process {p.pid} \(python \S*train_squad.py --preset small .*, since [-\d]+ [:\d]+\): wait "
+        with pytest.raises(ValueError, match=rf"^--output_dir {tmp_path / 'pruned'}: {held}"):
+            run(tmp_path / "pruned", "--stage", "finetune")  # the same directory
+        with pytest.raises(ValueError, match=rf"^--output_dir {tmp_path / 'pruned'}: {held}"):
+            run(tmp_path)  # --stage all, one of whose stages it is
+    finally:
+        p.kill()  # kill -9: no chance to let go of anything
+        p.wait()
+    assert run(tmp_path / "pruned", "--stage", "finetune")["steps"] > 0  # the killed run's lock blocks nothing
+
+
+@pytest.mark.parametrize("stage", ["finetune", "compact"])
+@pytest.mark.parametrize("crash_in", ["the writing", "the moving into place"])
+def test_a_kill_between_a_stages_files_leaves_a_model_with_its_own_records_or_none(tmp_path, monkeypatch, stage,
+                                                                                      crash_in):
+    model, vocab, _ = ts.load_checkpoint("tiny")
+    masked = bp.MaskedBert(model, bp.PruneConfig(block="8x8"))
+    ts.save_checkpoint(masked, tmp_path / "pruned", vocab, True)
+    with torch.no_grad():
+        masked.scores["layer0_query"].fill_(-5)  # another structure: layer 0 loses its heads
+    ts.save_checkpoint(masked, tmp_path / "pruned2", vocab, True)
+    ts.save_checkpoint(model, tmp_path / "start", vocab, True)
+    start = {"compact": ["pruned", "pruned2"], "finetune": ["start", "start"]}[stage]
+    run(tmp_path / "out", "--stage", stage, "--model_name_or_path", str(tmp_path / start[0]))
+
+    def contents():
+        return {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()
+                if p.is_file() and p.name not in (".lock", "training_state.pt")}  # (the state: --resume's to go on)
+    before = contents()
+    write, move, moved = files.atomic_write, os.replace, []
+
+    def kill_in_writing(path, data):  # before the commit point: between the unit's model and its records
+        if Path(path).parent.name == ".incoming" and Path(path).name in ("metrics.json", "report.json"):
+            raise KeyboardInterrupt
+        write(path, data)
+
+    def kill_in_moving(src, dst):  # after it: some of the new unit's files in place, some not
+        if Path(src).parent.name == ".commit" and len(moved) == 2:
+            raise KeyboardInterrupt
+        moved.append(src) if Path(src).parent.name == ".commit" else None
+        move(src, dst)
+    monkeypatch.setattr(*(files, "atomic_write", kill_in_writing) if crash_in == "the writing" else
+                        (files.os, "replace", kill_in_moving))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "out", "--stage", stage, "--model_name_or_path", str(tmp_path / start[1]), "--seed", "5",
+            "--overwrite_output_dir")
+    monkeypatch.undo()
+    files.finish_write(tmp_path / "out")  # what every reader of a checkpoint does first
+    after = contents()
+    if crash_in == "the writing":  # the old model; its records were removed by --overwrite_output_dir, not replaced
+        assert {k: v for k, v in after.items() if k not in ts.RECORDS} == {
+            k: v for k, v in before.items() if k not in ts.RECORDS} and not set(after) & set(ts.RECORDS)
+    else:  # the new unit whole: its model with its own records
+        assert after != before and (stage == "compact" or not ts.changed_output(tmp_path / "out", ts.saved_metrics(
+            tmp_path / "out")))
+        if stage == "compact":
+            assert json.loads(after["report.json"])["heads"] == sum(files.load_pretrained(tmp_path / "out")
+                                                                    .config.num_attention_heads)
+
+
+def test_resume_refuses_a_finished_stage_whose_files_changed_and_redoes_one_whose_inputs_changed(teacher, tmp_path,
+                                                                                                  capsys):
+    run(tmp_path / "run", "--teacher", str(teacher))
+    model = files.load_pretrained(tmp_path / "run/pruned")
+    files.save_pretrained(model, tmp_path / "run/filled")  # a model written over a finished stage's, by hand
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'run/filled/model.safetensors'}: not the file the stage "
+                                         r"wrote \(its metrics.json records another\): run without --resume"):
+        run(tmp_path / "run", "--teacher", str(teacher), "--resume")
+    # the given teacher trained on: the stages made from it are made again, not reported as they were
+    run(tmp_path / "run", "--teacher", str(teacher), "--overwrite_output_dir")
+    t, vocab, _ = ts.load_checkpoint(str(teacher))
+    with torch.no_grad():
+        t.qa_outputs.weight.mul_(2)
+    ts.save_checkpoint(t, teacher, vocab, True)
+    capsys.readouterr()
+    run(tmp_path / "run", "--teacher", str(teacher), "--resume")
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run/pruned'}: its input (teacher) changed since the stage ran: it runs again" in err
+    assert f"{tmp_path / 'run/filled'}: its input (model, teacher) changed since the stage ran: it runs again" in err

@@ -113,12 +113,14 @@ def test_teacher_with_another_vocab_is_refused(small_run, tmp_path, shared):
     ("--initial_warmup", "15", "--initial_warmup 15 and --final_warmup 6 epochs leave no step for the threshold's "
                                "ramp in --num_train_epochs 20 (300 steps)"),
     ("--warmup_ratio", "1.5", "argument --warmup_ratio: expected a fraction in [0, 1], got '1.5'"),
+    ("--output_dir", "", "argument --output_dir: expected a directory or name, not '', got ''"),  # not the current
+    ("--model_name_or_path", "", "argument --model_name_or_path: expected a directory or name"),  # directory
 ])
 def test_invalid_flags_are_refused_in_one_line_naming_the_flag(small_run, tmp_path, flag, value, message, capsys):
     out, _ = small_run
     with pytest.raises(SystemExit) as e:  # cli: what the command line does with main's errors
         ts.cli(["--preset", "small", "--output_dir", str(tmp_path), "--stage", "prune", "--teacher",
-                str(out / "teacher"), flag, *value.split()])
+                str(out / "teacher"), flag, *(value.split() or [value])])
     error = str(e.value) if e.value.code != 2 else capsys.readouterr().err.splitlines()[-1]  # 2: argparse's
     assert re.match(r"^(\S+: )?error: ", error) and message in error and "\n" not in error
 
@@ -126,7 +128,7 @@ def test_invalid_flags_are_refused_in_one_line_naming_the_flag(small_run, tmp_pa
 def test_the_pruning_schedule_in_steps_follows_the_epoch_flags():
     args = ts.parse_args(["--preset", "small", "--num_train_epochs", "5", "--initial_warmup", "1",
                           "--final_warmup", "1.5", "--per_device_train_batch_size", "16"])
-    c = ts.prune_config(args, features={"input_ids": torch.zeros(170, 1)})  # 10 steps an epoch (the last 10 windows left out)
+    c = ts.prune_config(args, features={"input_ids": torch.zeros(170, 1)})  # 10 steps an epoch (10 windows left out)
     assert (c.warmup_steps, c.ramp_steps) == (10, 50 - 10 - 15)  # tau 0 for an epoch; the cubic ramp; 1.5 at the end
     ramp = [bp.ramp(t, c) for t in (9, 10, 10 + 25 // 2, 35, 49)]
     assert ramp[:2] == [0, 0] and 0.8 < ramp[2] < 0.9 and ramp[3:] == [1, 1]  # cubic: 1 - (1 - 12/25)^3 = 0.86
