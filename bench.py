@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import bert
 import blockprune as bp
+import bookkeeping as bk
 import cost_model as cm
 from bert import BertConfig, BertForQuestionAnswering
 from files import atomic_write
@@ -209,7 +210,6 @@ def training_step(variant, device, dtype, B, T):
     start/end cross-entropy; pruning runs what train_squad.train runs: the target-density schedule (half-way up
     its ramp), masks, regulariser, distillation from the teacher's logits, cached ("ours prune", train_squad.py's
     default) or computed by a teacher forward in the step, and the progress bookkeeping between logging steps."""
-    import train_squad as ts
     x = inputs(B, T, device)
     pos = torch.randint(0, T, (2, B), generator=torch.Generator().manual_seed(1)).to(device)
     model = build(D26 if "d26" in variant else BASE, device).train()
@@ -225,7 +225,7 @@ def training_step(variant, device, dtype, B, T):
                 s.normal_(0, 2)
         f, params = masked, bp.param_groups(masked, 1e-5, 1e-2)
         with contextlib.redirect_stderr(io.StringIO()):  # its "N steps of B windows" line
-            progress = ts.Progress(argparse.Namespace(per_device_train_batch_size=B, gradient_accumulation_steps=1,
+            progress = bk.Progress(argparse.Namespace(per_device_train_batch_size=B, gradient_accumulation_steps=1,
                                                       logging_steps=10 ** 9), variant, 10 ** 9, masked)
 
         def loss_fn(s, e):
@@ -467,6 +467,8 @@ def main(argv=None):
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, as train_squad.py's
     p.add_argument("--quick", action="store_true", help="length 128, small batches, fewer repeats, no memory: "
                    "about a minute on 2 CPU cores")
+    p.add_argument("--tiny", action="store_true", help="a toy BERT and toy d26 (hidden 64, 2 layers) in place of "
+                   "the real ones: every row in seconds, for a smoke run of the script (the figures mean nothing)")
     p.add_argument("--json", metavar="PATH", help="save the rows as JSON")
     p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
                    help="which rows: all (CPU, and GPU if there is one), or only the CPU's or the GPU's")
@@ -495,6 +497,11 @@ def main(argv=None):
         if args.json:
             atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
         return rows
+    if args.tiny:
+        global BASE, D26, D26_FFN8
+        BASE = replace(BASE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        D26 = replace(BASE, num_attention_heads=[2, 1], attention_head_size=16, intermediate_size=[40, 21])
+        D26_FFN8 = replace(D26, intermediate_size=[40, 24])
     T = 128 if args.quick else 384
     reps, warmup = (2, 1) if args.quick else (5, 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bookkeeping as bk  # noqa: E402
 import train_squad as ts  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def main(argv=None):
     load_checkpoint, save_checkpoint = ts.load_checkpoint, ts.save_checkpoint
     ts.load_checkpoint = lambda name, dense=None: (TransformersQA(path), path / "vocab.txt", True)
     ts.save_checkpoint = lambda model, out, vocab, lowercase, records: (model.hf.save_pretrained(out),
-                                                                         ts.write_unit(out, records))
+                                                                         bk.write_unit(out, records))
     try:
         return ts.stage_finetune(args, str(path), Path(args.output_dir))
     finally:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import blockprune as bp
-import cost_model as cm
 import report
 from bert import BertConfig, BertForQuestionAnswering
 

@@ -12,6 +12,7 @@ import torch
 
 import bert
 import blockprune as bp
+import bookkeeping as bk
 import cost_model as cm
 import files
 import squad
@@ -115,7 +116,7 @@ def test_an_output_directory_that_cannot_be_made_is_refused_naming_the_flag(tmp_
 def test_temporary_files_of_a_killed_process_are_cleaned_up(tmp_path):
     dead, alive = tmp_path / ".training_state.pt.tmp999999999", tmp_path / f".metrics.json.tmp{os.getpid()}"
     dead.write_bytes(b"half"), alive.write_bytes(b"being written")
-    ts.check_outputs(ts.parse_args(["--preset", "small", "--stage", "eval"]), tmp_path)
+    bk.check_outputs(ts.parse_args(["--preset", "small", "--stage", "eval"]), tmp_path)
     assert not dead.exists() and alive.exists()
 
 
@@ -140,15 +141,15 @@ def stopped(teacher, tmp_path):
 
 def test_every_flag_is_checked_on_resume_or_named_as_one_that_may_change():
     args = ts.parse_args(["--preset", "small"])
-    settings = {s: ts.stage_settings(args, s) for s in ("finetune", "prune", "fill", "eval")}
+    settings = {s: bk.stage_settings(args, s) for s in ("finetune", "prune", "fill", "eval")}
     may_change = {"save_steps", "logging_steps", "device", "per_device_eval_batch_size", "no_teacher_cache",
                   "speed_windows", "compile"}  # a new flag must go into stage_settings or, said so, here
     assert set(vars(args)) - set().union(*settings.values()) == may_change | {"output_dir", "preset", "resume", "stage",
                                                                               "overwrite_output_dir"}
-    assert all(f"--{k}" in ts.stage_settings.__doc__ for k in may_change)
+    assert all(f"--{k}" in bk.stage_settings.__doc__ for k in may_change)
     for k in settings["prune"]:  # each one changed is refused, naming it
         with pytest.raises(ValueError, match=f"^{'torchrun processes' if k == 'processes' else '--' + k}: x was made"):
-            ts.same_settings("x", {**settings["prune"], k: "another"}, settings["prune"])
+            bk.same_settings("x", {**settings["prune"], k: "another"}, settings["prune"])
 
 
 @pytest.mark.parametrize("flag, value, saved, given", [("--learning_rate", "1e-3", "0.002", "0.001"),
@@ -163,10 +164,10 @@ def test_resume_with_other_settings_is_refused_naming_the_flag(teacher, stopped,
 
 
 def test_resume_under_another_number_of_torchrun_processes_is_refused(stopped):
-    saved = ts.read_state(stopped / "training_state.pt", mmap=True)["settings"]
+    saved = bk.read_state(stopped / "training_state.pt", mmap=True)["settings"]
     assert saved["processes"] == 1  # saved as the flags are (its refusal under torchrun itself: not run here)
     with pytest.raises(ValueError, match=r"^torchrun processes: .* was made with 1, this run gives 2; --resume"):
-        ts.same_settings(stopped / "training_state.pt", saved, {**saved, "processes": 2})
+        bk.same_settings(stopped / "training_state.pt", saved, {**saved, "processes": 2})
 
 
 def test_a_stopped_run_is_never_overwritten_without_resume(teacher, stopped):
@@ -194,8 +195,8 @@ def test_a_new_run_into_a_directory_that_holds_results_is_refused_unless_told_to
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept  # nothing lost
     assert run(tmp_path, "--stage", "finetune", "--resume") == first  # --resume goes on (here: nothing to do)
     other = run(tmp_path, "--stage", "finetune", "--seed", "3", "--overwrite_output_dir")  # told to: replaced, whole
-    assert other["settings"]["seed"] == 3 and ts.saved_metrics(tmp_path) == other
-    assert not ts.changed_output(tmp_path, other)  # the model, vocab, predictions... are the new run's
+    assert other["settings"]["seed"] == 3 and bk.saved_metrics(tmp_path) == other
+    assert not bk.changed_output(tmp_path, other)  # the model, vocab, predictions... are the new run's
     run(tmp_path / "eval", "--stage", "eval", "--model_name_or_path", str(tmp_path))  # elsewhere, as the README says
 
 
@@ -408,10 +409,10 @@ def test_a_kill_between_a_stages_files_leaves_a_model_with_its_own_records_or_no
     files.finish_write(tmp_path / "out")  # what every reader of a checkpoint does first
     after = contents()
     if crash_in == "the writing":  # the old model; its records were removed by --overwrite_output_dir, not replaced
-        assert {k: v for k, v in after.items() if k not in ts.RECORDS} == {
-            k: v for k, v in before.items() if k not in ts.RECORDS} and not set(after) & set(ts.RECORDS)
+        assert {k: v for k, v in after.items() if k not in bk.RECORDS} == {
+            k: v for k, v in before.items() if k not in bk.RECORDS} and not set(after) & set(bk.RECORDS)
     else:  # the new unit whole: its model with its own records
-        assert after != before and (stage == "compact" or not ts.changed_output(tmp_path / "out", ts.saved_metrics(
+        assert after != before and (stage == "compact" or not bk.changed_output(tmp_path / "out", bk.saved_metrics(
             tmp_path / "out")))
         if stage == "compact":
             assert json.loads(after["report.json"])["heads"] == sum(files.load_pretrained(tmp_path / "out")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import blockprune as bp
+import bookkeeping as bk
 import files
 import report
 import squad
@@ -266,12 +267,12 @@ def test_another_target_from_a_given_teacher_is_pruned_without_evaluating_the_te
 
 def test_a_given_teacher_is_evaluated_again_only_for_another_dev_set_or_settings(small_run, tmp_path):
     teacher = small_run[0] / "teacher"
-    assert ts.evaluated(ts.parse_args(["--preset", "small"]), teacher) == small_run[1]["teacher"]
-    assert ts.evaluated(ts.parse_args(["--preset", "small", "--max_answer_length", "10"]), teacher) is None
+    assert bk.evaluated(ts.parse_args(["--preset", "small"]), teacher) == small_run[1]["teacher"]
+    assert bk.evaluated(ts.parse_args(["--preset", "small", "--max_answer_length", "10"]), teacher) is None
     other = tmp_path / "dev.json"
     other.write_text((ts.DATA_DIR / "sample-dev.json").read_text()[:-1] + " ")  # the same questions, other bytes
-    assert ts.evaluated(ts.parse_args(["--preset", "small", "--dev_file", str(other)]), teacher) is None
-    assert ts.evaluated(ts.parse_args(["--preset", "small"]), tmp_path) is None  # no metrics.json
+    assert bk.evaluated(ts.parse_args(["--preset", "small", "--dev_file", str(other)]), teacher) is None
+    assert bk.evaluated(ts.parse_args(["--preset", "small"]), tmp_path) is None  # no metrics.json
 
 
 def test_target_speedup_lands_on_its_flops_and_is_measured(small_run, tmp_path):
@@ -485,13 +486,13 @@ def torchrun(*flags):
 def test_a_first_signal_asks_to_stop_and_a_second_ctrl_c_stops_at_once():
     import signal
     before = signal.getsignal(signal.SIGINT)
-    with ts.stop_signals("prune") as stop:
+    with bk.stop_signals("prune") as stop:
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)  # SIGTERM again: still the step's end
         assert stop == ["SIGTERM", "SIGTERM"]
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)  # Ctrl-C after a request to stop: now
-    with ts.stop_signals("prune") as stop:
+    with bk.stop_signals("prune") as stop:
         signal.raise_signal(signal.SIGINT)  # a first Ctrl-C only asks
         assert stop == ["SIGINT"]
         with pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,23 @@
+"""scripts/gpu_check.py, in its smoke mode: every step of the GPU's call, on this CPU at toy sizes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_checks_run_every_step_in_smoke_mode_and_record_them_as_they_go(tmp_path):
+    p = subprocess.run([sys.executable, ROOT / "scripts/gpu_check.py", "run", "--smoke", "--out", tmp_path / "out",
+                        "--runs", tmp_path / "runs", "--budget", "400"], capture_output=True, text=True)
+    summary = json.loads((tmp_path / "out/gpu_check.json").read_text())
+    assert p.returncode == 0, (p.stdout, summary)
+    assert list(summary["steps"]) == ["bench", "teacher", "speedup", "pytest", "d25"]
+    assert all(s["rc"] == 0 for s in summary["steps"].values())
+    rows = json.loads((tmp_path / "out/bench.json").read_text())
+    assert any(r["what"] == "training step" for r in rows)  # bench.py's rows, at toy sizes
+    results = json.loads((tmp_path / "out/speedup-results.json").read_text())  # predicted and measured speed-up
+    assert results["structure"]["cost_model"] == "measured" and results["speedup"] > 0
+    assert (tmp_path / "out/speedup-pruned-cost_table.json").exists() and (tmp_path / "out/d25-results.json").exists()
+    assert "passed" in (tmp_path / "out/pytest.log").read_text()
+    assert not list((tmp_path / "out").glob("**/*.safetensors"))  # the models stay behind
