@@ -35,31 +35,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CARRY = ROOT / ".gpu"  # what travels: run(..., carry=[".gpu"])
-PYTEST = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments")  # pytest and what it imports
+PYTEST = ("pytest", "_pytest", "py", "pluggy", "iniconfig", "packaging", "pygments")  # pytest and what it imports
 
 
-def prepare(shared):
-    """Fill .gpu/ from the shared folder: the data, MiniLM in float16, pytest."""
+def prepare(shared, carry):
+    """Fill carry (.gpu/) from the shared folder: the data, MiniLM in float16, pytest."""
     import torch
 
     import files
     for f in ("squad/dev-v1.1.json", "squad/train-v1.1-head4370.json"):
-        (CARRY / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shared / f, CARRY / f)
-    model, to = shared / "models/all-MiniLM-L6-v2", CARRY / "models/all-MiniLM-L6-v2"
+        (carry / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared / f, carry / f)
+    model, to = shared / "models/all-MiniLM-L6-v2", carry / "models/all-MiniLM-L6-v2"
     to.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "vocab.txt"):
         shutil.copyfile(model / f, to / f)
     files.write_safetensors(to / "model.safetensors", {k: v.to(torch.float16) if v.is_floating_point() else v
                                                        for k, v in files.read_safetensors(model / "model.safetensors")
                                                        .items()})
-    for name in PYTEST:  # the packages as installed here, without their bytecode
-        source = Path(importlib.util.find_spec(name).origin).parent
-        shutil.rmtree(CARRY / "site" / name, ignore_errors=True)
-        shutil.copytree(source, CARRY / "site" / name, ignore=shutil.ignore_patterns("__pycache__"))
-    size = sum(f.stat().st_size for f in CARRY.rglob("*") if f.is_file())
-    print(f"{CARRY}: {size / 2 ** 20:.1f} MiB" + (" (over a device call's 64 MiB: it will not travel)"
+    (carry / "site").mkdir(parents=True, exist_ok=True)
+    for name in PYTEST:  # the packages (or a module's one file) as installed here, without their bytecode
+        source = Path(importlib.util.find_spec(name).origin)
+        if source.name == "__init__.py":
+            shutil.rmtree(carry / "site" / name, ignore_errors=True)
+            shutil.copytree(source.parent, carry / "site" / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copyfile(source, carry / "site" / source.name)
+    size = sum(f.stat().st_size for f in carry.rglob("*") if f.is_file())
+    print(f"{carry}: {size / 2 ** 20:.1f} MiB" + (" (over a device call's 64 MiB: it will not travel)"
                                                    if size > 64 * 2 ** 20 else ""))
+    return size
 
 
 def steps(smoke, out, runs):
@@ -138,9 +143,10 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=540, help="seconds for all the steps")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "gpu", help="where the runs' models go (not --out)")
     p.add_argument("--shared", type=Path, default=Path(os.environ.get("BLOCKPRUNE_SHARED", ROOT.parent / "shared")))
+    p.add_argument("--carry", type=Path, default=CARRY, help="where prepare puts what travels")
     args = p.parse_args(argv)
     if args.what == "prepare":
-        return prepare(args.shared)
+        return prepare(args.shared, args.carry)
     return run(args.smoke, args.out, args.budget, args.runs.resolve())
 
 
