@@ -15,6 +15,7 @@ evaluation and --study: the fastest round).
 """
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -27,13 +28,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import bert
 import blockprune as bp
 import bookkeeping as bk
 import cost_model as cm
+import deploy
 from bert import BertConfig, BertForQuestionAnswering
 from files import atomic_write
 from train_squad import POSITIVE
@@ -52,27 +53,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformers_twin(model):
-    """transformers' BertForQuestionAnswering holding our model's weights, SDPA attention; narrower
-    Linears where a layer has fewer heads or a narrower FFN (transformers 5 takes the head count from
-    the Linear's width). None when transformers is not installed."""
-    try:
-        import transformers
-    except ImportError:
+    """transformers' BertForQuestionAnswering holding our model's weights (deploy.transformers_bert: SDPA, narrower
+    Linears where a layer has fewer heads or a narrower FFN); None when transformers is not installed."""
+    if importlib.util.find_spec("transformers") is None:
         return None
-    c = model.config
-    hf = transformers.BertForQuestionAnswering(transformers.BertConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.hidden_size // c.attention_head_size, intermediate_size=max(c.intermediate_size),
-        max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
-        attn_implementation="sdpa"))
-    for layer, heads, ffn in zip(hf.bert.encoder.layer, c.num_attention_heads, c.intermediate_size):
-        d, h = heads * c.attention_head_size, c.hidden_size
-        att = layer.attention
-        att.self.query, att.self.key, att.self.value = nn.Linear(h, d), nn.Linear(h, d), nn.Linear(h, d)
-        att.output.dense = nn.Linear(d, h)
-        layer.intermediate.dense, layer.output.dense = nn.Linear(h, ffn), nn.Linear(ffn, h)
-    hf.load_state_dict(bert.hf_state_dict(model))
-    return hf.eval().to(next(model.parameters()).device)
+    return deploy.transformers_bert(model.config, bert.hf_state_dict(model)).to(next(model.parameters()).device)
 
 
 def ours(model):  # both models called the same way: (ids, mask, types) -> (start, end)
@@ -348,6 +333,39 @@ def bench_dev_evaluation(device, dtype, dev_file, vocab, windows, reps):
             "d26 speed-up": fwd["dense"] / fwd["d26"], "d26 speed-up, wall": wall["dense"] / wall["d26"]}
 
 
+# ---- onnxruntime (--onnx) -------------------------------------------------------------------------
+
+MINILM = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                    intermediate_size=1536)
+# the MiniLM study's d25 run on this CPU (docs/study.md, "A CPU rerun of d25-4x-eval"), FFN widths rounded to 8
+D25 = replace(MINILM, num_attention_heads=[4, 3, 5, 5, 5, 2], attention_head_size=32,
+              intermediate_size=[336, 384, 384, 312, 240, 288])
+
+
+def bench_onnx(B, T, reps, warmup, dense_config, pruned_config, name):
+    """The pruned structure over the dense one, exported to ONNX (deploy.py) and run by onnxruntime in fp32 and
+    after dynamic int8 quantization, beside PyTorch eager, all taking turns in one loop on this CPU."""
+    import tempfile
+    cpu, x = torch.device("cpu"), inputs(B, T, torch.device("cpu"))
+    x = (x[0], torch.ones_like(x[0]), x[2])  # the graph's inputs: a mask of ones where PyTorch gets None
+    fns = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for which, config in (("dense", dense_config), (name, pruned_config)):
+            model = build(config, cpu)
+            path = Path(tmp) / f"{which}.onnx"
+            deploy.export_onnx(model, path, x)
+            deploy.quantize_int8(path, path.with_suffix(".int8.onnx"))
+            fns[f"pytorch {which}"] = lambda m=model: m(x[0], None, x[2])
+            for dtype, p in (("fp32", path), ("int8", path.with_suffix(".int8.onnx"))):
+                fns[f"onnxruntime {dtype} {which}"] = lambda r=deploy.OnnxQA(p): r(*x)
+        t = timeit({k: torch.no_grad()(f) for k, f in fns.items()}, reps, warmup, cpu)
+    row = {"what": "onnxruntime", "device": "cpu", "dtype": "fp32, int8", "batch": B, "seq": T, "seconds": t}
+    for kind in ("pytorch", "onnxruntime fp32", "onnxruntime int8"):
+        row[f"{name} speed-up, {kind}"] = t[f"{kind} dense"] / t[f"{kind} {name}"]
+    row[f"{name} int8 over dense fp32, onnxruntime"] = t["onnxruntime fp32 dense"] / t[f"onnxruntime int8 {name}"]
+    return row
+
+
 # ---- 5: finished runs, timed on this machine ----------------------------------------------------
 
 def bench_study(run_dirs, dense_dir, dev_file, vocab, windows, reps=3):
@@ -463,6 +481,7 @@ def show(row):
 
 
 def main(argv=None):
+    global BASE, D26, D26_FFN8  # --tiny replaces them
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, as train_squad.py's
     p.add_argument("--quick", action="store_true", help="length 128, small batches, fewer repeats, no memory: "
@@ -470,6 +489,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="a toy BERT and toy d26 (hidden 64, 2 layers) in place of "
                    "the real ones: every row in seconds, for a smoke run of the script (the figures mean nothing)")
     p.add_argument("--json", metavar="PATH", help="save the rows as JSON")
+    p.add_argument("--onnx", action="store_true", help="only onnxruntime's rows (CPU): d26 over BERT-base and the "
+                   "MiniLM study's d25 over MiniLM, fp32 and int8 beside PyTorch (needs onnx, onnxruntime)")
     p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
                    help="which rows: all (CPU, and GPU if there is one), or only the CPU's or the GPU's")
     # the data files are not in the repository (README.md says where to get them); without them the dev
@@ -497,8 +518,17 @@ def main(argv=None):
         if args.json:
             atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
         return rows
+    if args.onnx:
+        deploy.need("onnx", "onnxruntime")
+        B, T = (1, 128) if args.quick else (8, 384)
+        rows = [bench_onnx(B, T, 2 if args.quick else 3, 1, BASE, D26_FFN8, "d26"),
+                bench_onnx(B, T, 2 if args.quick else 3, 1, MINILM, D25, "d25")]
+        for row in rows:
+            show(row)
+        if args.json:
+            atomic_write(Path(args.json), json.dumps(rows, indent=2).encode())
+        return rows
     if args.tiny:
-        global BASE, D26, D26_FFN8
         BASE = replace(BASE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
         D26 = replace(BASE, num_attention_heads=[2, 1], attention_head_size=16, intermediate_size=[40, 21])
         D26_FFN8 = replace(D26, intermediate_size=[40, 24])

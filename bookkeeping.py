@@ -31,7 +31,8 @@ from squad import squad_file
 
 # What a stage writes into its directory, besides a model: an earlier run's are never written over in silence
 # (check_outputs), and a stage's model and records are written as one unit (write_unit).
-RECORDS = ("metrics.json", "predictions.json", "report.json", "structure.png", "heads.png", "results.json")
+RECORDS = ("metrics.json", "predictions.json", "report.json", "structure.png", "heads.png", "results.json",
+           "export.json", "model.onnx", "model-int8.onnx")
 
 
 def check_outputs(args, out):
@@ -66,7 +67,7 @@ def check_outputs(args, out):
     if args.stage == "eval":  # its records go beside the model it evaluates, or beside none
         evaluated_dir = Path(args.model_name_or_path).resolve()
         earlier = [f for f in earlier if f.name in RECORDS or f.parent.resolve() != evaluated_dir]
-    if earlier and not (args.resume and args.stage not in ("eval", "compact")):  # (those two run again anyway)
+    if earlier and not (args.resume and args.stage in ("finetune", "prune", "fill", "all")):  # (the rest: again)
         if not args.overwrite_output_dir:
             raise ValueError(f"--output_dir {out}: holds an earlier run's results ({earlier[0]}): --resume goes on "
                              "with them, --overwrite_output_dir replaces them, or give another --output_dir")
@@ -115,7 +116,7 @@ def changed_output(d, metrics):
                 None)
 
 
-# ---- resume: what is done, what it ran with, where a stopped stage goes on from ---------------------------------------
+# ---- resume: what is done, what it ran with, where a stopped stage goes on from ----------------------------------
 
 def once(args, d, fn, *inputs):
     """Run a training stage (or the teacher's evaluation) into d. With --resume it continues the stage's training

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 import blockprune as bp
 import cost_model as cm
+import deploy
 import files
 import report
 from bert import BertConfig, BertForQuestionAnswering
@@ -253,6 +255,34 @@ def stage_eval(args, model_path, out):
     if not get_rank():
         write_unit(out, {"metrics.json": metrics, "predictions.json": predictions})
     return metrics
+
+
+def stage_export(args, model_path, out):
+    """(ours) A compacted or filled model as ONNX for onnxruntime (deploy.py): model.onnx, its batch and length
+    dynamic, and model-int8.onnx, quantized (dynamic int8). Each is checked as compaction is, its logits against
+    PyTorch's on dev windows, and evaluated as the stages evaluate: export.json. On the CPU, in fp32."""
+    deploy.need("onnx", "onnxruntime")
+    model, vocab, lowercase = load_checkpoint(model_path, dense="--model_name_or_path")
+    examples, dev = features_for(args, vocab, lowercase, "dev")
+    few = {k: v[:8] for k, v in dev.items()}  # padded: the graph holds the attention mask's path
+    cpu = argparse.Namespace(**{**vars(args), "device": torch.device("cpu"), "precision": "fp32"})
+    with tempfile.TemporaryDirectory() as tmp:
+        graphs = {"model.onnx": Path(tmp) / "model.onnx", "model-int8.onnx": Path(tmp) / "model-int8.onnx"}
+        deploy.export_onnx(model, graphs["model.onnx"], [few[k] for k in deploy.INPUTS])
+        deploy.quantize_int8(graphs["model.onnx"], graphs["model-int8.onnx"])
+        want, r = predict(cpu, model, few, trim=False)[:2], {}
+        for name, path in graphs.items():
+            runtime = deploy.OnnxQA(path)
+            got = predict(cpu, runtime, few, trim=False)[:2]
+            metrics, _ = evaluate(cpu, runtime, examples, dev, f"export {name}")
+            r[name] = {"max_logit_difference": max((a - b).abs().max().item() for a, b in zip(got, want)),
+                       **{k: metrics[k] for k in ("exact_match", "f1", "eval_seconds")}, "bytes": path.stat().st_size}
+            log(f"export {name}: {r[name]['bytes'] / 2 ** 20:.1f} MiB, logits within "
+                f"{r[name]['max_logit_difference']:.2e} of PyTorch's")
+        write_unit(out, {**{k: p.read_bytes() for k, p in graphs.items()}, "vocab.txt": vocab.read_bytes(),
+                         "export.json": json.dumps(r, indent=2).encode(),
+                         "tokenizer_config.json": json.dumps({"do_lower_case": lowercase}).encode()})
+    return r
 
 
 def stage_all(args, out):
@@ -514,7 +544,8 @@ def parser():
     a("--preset", choices=["paper", "small", "minilm"], default="paper",
       help="a set of defaults: the paper's recipe, 'small' (offline, about half a minute on 2 CPU cores) or 'minilm' "
            "(the study)")
-    a("--stage", choices=["finetune", "prune", "compact", "fill", "eval", "all"], default="all")
+    a("--stage", choices=["finetune", "prune", "compact", "fill", "eval", "all", "export"], default="all",
+      help="export (not in all): a compacted or filled model as ONNX, fp32 and int8, checked (docs/deploying.md)")
     a("--model_name_or_path", type=NAME, default="bert-base-uncased",
       help="pretrained checkpoint (finetune, prune, all), pruned one (compact), compacted one (fill), any (eval)")
     a("--teacher", default="csarron/bert-base-uncased-squad-v1", help="fine-tuned QA model to distil from; "
@@ -628,9 +659,9 @@ def main(argv=None):
     if args.stage == "all":
         return stage_all(args, out)
     stage = {"finetune": stage_finetune, "prune": stage_prune, "compact": stage_compact, "fill": stage_fill,
-             "eval": stage_eval}[args.stage]
+             "eval": stage_eval, "export": stage_export}[args.stage]
     inputs = [args.model_name_or_path] + ([args.teacher] if args.stage in ("prune", "fill") else [])
-    return stage(args, *inputs, out) if args.stage in ("compact", "eval") else once(args, out, stage, *inputs)
+    return stage(args, *inputs, out) if args.stage in ("compact", "eval", "export") else once(args, out, stage, *inputs)
 
 
 def cli(argv=None):

@@ -143,3 +143,16 @@ def test_eval_windows_must_be_a_count_of_windows(value):
     with pytest.raises(SystemExit, match=f"^error: argument --eval_windows: expected a positive integer, got "
                                          f"'{value}'$"):
         bench.main(["--study", "runs", "--eval_windows", value])
+
+
+def test_onnx_rows_time_each_structure_in_pytorch_and_onnxruntime_fp32_and_int8():
+    pytest.importorskip("onnxruntime")
+    from dataclasses import replace
+    dense = bench.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64)
+    row = bench.bench_onnx(1, 8, 1, 0, dense, replace(dense, num_attention_heads=[1, 0], attention_head_size=16,
+                                                      intermediate_size=[16, 8]), "small")
+    assert list(row["seconds"]) == [f"{k} {m}" for m in ("dense", "small") for k in
+                                    ("pytorch", "onnxruntime fp32", "onnxruntime int8")]
+    assert row["small speed-up, onnxruntime int8"] == (row["seconds"]["onnxruntime int8 dense"] /
+                                                       row["seconds"]["onnxruntime int8 small"])

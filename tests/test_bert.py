@@ -241,7 +241,9 @@ def test_imports_run_one_way():
     assert imports("cost_model") == {"bert"} and imports("report") == {"blockprune", "cost_model"}
     assert imports("files") == {"bert", "blockprune"} and imports("squad") == {"files"}
     assert imports("bookkeeping") == {"blockprune", "files", "report", "squad"}
-    assert imports("train_squad") == {"bert", "blockprune", "bookkeeping", "cost_model", "files", "report", "squad"}
+    assert imports("deploy") == {"bert", "files"}
+    assert imports("train_squad") == {"bert", "blockprune", "bookkeeping", "cost_model", "deploy", "files", "report",
+                                      "squad"}
 
 
 def test_the_pruner_names_no_task():
