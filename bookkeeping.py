@@ -80,8 +80,8 @@ def hold(d):
     """Take directory d for this run (files.hold), or refuse naming the process that has it."""
     try:
         files.hold(d)
-    except ValueError as e:
-        raise ValueError(f"--output_dir {e}") from None
+    except (OSError, ValueError) as e:
+        raise type(e)(f"--output_dir {e}") from None
 
 
 def write_unit(out, unit):
@@ -112,8 +112,8 @@ def changed_output(d, metrics):
     outputs = metrics.get("outputs")
     if not isinstance(outputs, dict):
         return "metrics.json (made by an older version, which did not record its files)"
-    return next((f for f, h in outputs.items() if not (d / f).is_file() or files.digest((d / f).read_bytes()) != h),
-                None)
+    return next((f for f, h in outputs.items() if Path(f).name != f or not (d / f).is_file()  # (a file of d's only)
+                 or files.digest((d / f).read_bytes()) != h), None)
 
 
 # ---- resume: what is done, what it ran with, where a stopped stage goes on from ----------------------------------
@@ -253,9 +253,10 @@ class TrainingState:
 
 
 def read_state(path, **kw):
-    """A training state, or one line naming it when it is cut off or not one (mmap=True: read only what is used)."""
+    """A training state, or one line naming it when it is cut off or not one (mmap=True: read only what is used).
+    weights_only: tensors, numbers, strings and containers, nothing that a hostile file could make run as code."""
     try:
-        state = torch.load(path, weights_only=False, **kw)
+        state = torch.load(path, weights_only=True, **kw)
         assert isinstance(state, dict), "not a dict"
         return state
     except Exception as e:  # cut off, foreign: torch raises many kinds, some pages long

@@ -276,7 +276,10 @@ def hold(d):
     if d in _HELD:
         return
     d.mkdir(parents=True, exist_ok=True)
-    f = open(d / ".lock", "a+", encoding="utf-8")
+    try:
+        f = open(d / ".lock", "a+", encoding="utf-8")
+    except OSError as e:  # a directory in its place, no permission
+        raise OSError(f"{d}: cannot hold it for this run ({d / '.lock'}: {e.strerror or e})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

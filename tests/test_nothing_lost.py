@@ -170,6 +170,23 @@ def test_resume_under_another_number_of_torchrun_processes_is_refused(stopped):
         bk.same_settings(stopped / "training_state.pt", saved, {**saved, "processes": 2})
 
 
+class Planted:
+    """What a hostile training_state.pt could hold: an object whose unpickling runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_training_state_that_would_run_code_is_refused_not_run(teacher, stopped, tmp_path):
+    torch.save({"step": 3, "payload": Planted(tmp_path / "ran")}, stopped / "training_state.pt")
+    with pytest.raises(ValueError, match=rf"^{stopped / 'training_state.pt'}: not a training state of this stage"):
+        run(stopped, "--stage", "prune", "--teacher", str(teacher), "--resume")
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_stopped_run_is_never_overwritten_without_resume(teacher, stopped):
     state = (stopped / "training_state.pt").read_bytes()
     with pytest.raises(ValueError, match="the training state of a stopped run: --resume continues it"):
