@@ -29,6 +29,9 @@ from squad import squad_file
 
 # ---- the directory a run owns ----------------------------------------------------------------------------------------
 
+# The stages once() runs, which --resume skips or continues; compact, eval and export run again whole.
+RESUMABLE = ("finetune", "prune", "fill")
+
 # What a stage writes into its directory, besides a model: an earlier run's are never written over in silence
 # (check_outputs), and a stage's model and records are written as one unit (write_unit).
 RECORDS = ("metrics.json", "predictions.json", "report.json", "structure.png", "heads.png", "results.json",
@@ -67,7 +70,7 @@ def check_outputs(args, out):
     if args.stage == "eval":  # its records go beside the model it evaluates, or beside none
         evaluated_dir = Path(args.model_name_or_path).resolve()
         earlier = [f for f in earlier if f.name in RECORDS or f.parent.resolve() != evaluated_dir]
-    if earlier and not (args.resume and args.stage in ("finetune", "prune", "fill", "all")):  # (the rest: again)
+    if earlier and not (args.resume and args.stage in RESUMABLE + ("all",)):
         if not args.overwrite_output_dir:
             raise ValueError(f"--output_dir {out}: holds an earlier run's results ({earlier[0]}): --resume goes on "
                              "with them, --overwrite_output_dir replaces them, or give another --output_dir")
@@ -93,9 +96,7 @@ def write_unit(out, unit):
     if metrics := unit.get("metrics.json"):  # (the caller's dict: it returns the metrics as saved)
         metrics["outputs"] = {k: files.digest(v) for k, v in unit.items() if k != "metrics.json"}
         unit["metrics.json"] = json.dumps(metrics, indent=2).encode()
-    model = "model.safetensors" in unit
-    files.write_files(out, unit, remove=RECORDS + ("pytorch_model.bin", "scores.safetensors", "prune_config.json")
-                      if model else ())
+    files.write_files(out, unit, remove=RECORDS + files.STALE if "model.safetensors" in unit else ())
 
 
 def saved_metrics(d):

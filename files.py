@@ -62,6 +62,11 @@ def load_pretrained(name_or_dir, build=BertForQuestionAnswering, cache_dir=None)
     return model
 
 
+# An older checkpoint's files that would lie beside new weights if left: pickled weights, and a pruned model's scores,
+# which would make a plain one load as pruned. Whoever writes a checkpoint removes those the new one lacks.
+STALE = ("pytorch_model.bin", "scores.safetensors", "prune_config.json")
+
+
 def checkpoint_files(model, vocab_file=None):
     """{file name: bytes} of a checkpoint: config.json, model.safetensors (Hugging Face names), vocab.txt; a pruned
     model (blockprune.MaskedBert) adds its scores.safetensors and prune_config.json."""
@@ -77,10 +82,8 @@ def checkpoint_files(model, vocab_file=None):
 
 def save_pretrained(model, out_dir, vocab_file=None, extra_files=None):
     """A model's checkpoint (checkpoint_files, plus extra_files: {name: bytes}) written as one unit (write_files): a
-    crash leaves the old checkpoint or the new one, never a mix. The files of another checkpoint that the new one
-    lacks go: pickled weights, and a pruned model's scores, which would make a plain one load as pruned."""
-    write_files(out_dir, {**checkpoint_files(model, vocab_file), **(extra_files or {})},
-                remove=("pytorch_model.bin", "scores.safetensors", "prune_config.json"))
+    crash leaves the old checkpoint or the new one, never a mix, nor one beside another's STALE files."""
+    write_files(out_dir, {**checkpoint_files(model, vocab_file), **(extra_files or {})}, remove=STALE)
 
 
 def load_masked(path, build=BertForQuestionAnswering):

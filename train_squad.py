@@ -33,8 +33,8 @@ import deploy
 import files
 import report
 from bert import BertConfig, BertForQuestionAnswering
-from bookkeeping import (Progress, TrainingState, all_stopping, barrier, check_finite, check_outputs, ddp, eval_key,
-                         evaluated, get_rank, hms, once, stop_signals, sync, world_size, write_unit)
+from bookkeeping import (RESUMABLE, Progress, TrainingState, all_stopping, barrier, check_finite, check_outputs, ddp,
+                         eval_key, evaluated, get_rank, hms, once, stop_signals, sync, world_size, write_unit)
 from files import DATA_DIR, atomic_write, load_cache, log, save_torch
 from squad import cached_features, postprocess, squad_evaluate, tokenizer_files, vocab_difference
 
@@ -43,8 +43,8 @@ from squad import cached_features, postprocess, squad_evaluate, tokenizer_files,
 def train(args, stage, model, features, total, lr, warmup_steps, out_dir, teacher=None, prune=None):
     """One training stage: fine-tuning (no teacher), distillation (the teacher's logits in `features`, or
     a teacher model) or pruning (and a PruneConfig, its schedule already in steps). Returns the model,
-    or the MaskedBert when pruning. Resuming, torchrun and stop signals live in small helpers at the end of
-    this file."""
+    or the MaskedBert when pruning. Resuming, torchrun and stop signals live in small helpers in
+    bookkeeping.py."""
     accum = args.gradient_accumulation_steps
     net = bp.MaskedBert(model, prune) if prune else model
     net.to(args.device).train()
@@ -121,7 +121,6 @@ def qa_loss(args, start, end, batch, teacher=None):
 # ---- the stages ------------------------------------------------------------------------------------
 # Each stage reads its inputs from checkpoint directories and writes its own, so that any stage can be
 # run alone, and --resume can skip the stages a killed run had already finished (once).
-
 
 def save_checkpoint(model, out, vocab, lowercase, records=None):
     """The model (pruned or not), its vocab and tokenizer_config.json, with the stage's records ({name: bytes or a
@@ -207,8 +206,7 @@ def stage_prune(args, model_path, teacher_path, out):
     steps = total_steps(args, features, "num_train_epochs")
     masked = train(args, "prune", model, features, steps, args.learning_rate, prune.warmup_steps, out,
                    teacher, prune)
-    return finish(args, masked, out, vocab, lowercase, dev, "prune (masked)",
-                  steps)
+    return finish(args, masked, out, vocab, lowercase, dev, "prune (masked)", steps)
 
 
 def stage_compact(args, masked_path, out):
@@ -388,6 +386,7 @@ def cost_table(args, config, out=None):
 # ---- evaluation ------------------------------------------------------------------------------------
 
 PROGRESS_SECONDS = 30  # how often a long evaluation or teacher pass says how far it is
+
 
 @torch.no_grad()
 def predict(args, model, features, trim=True, name=None):
@@ -661,7 +660,7 @@ def main(argv=None):
     stage = {"finetune": stage_finetune, "prune": stage_prune, "compact": stage_compact, "fill": stage_fill,
              "eval": stage_eval, "export": stage_export}[args.stage]
     inputs = [args.model_name_or_path] + ([args.teacher] if args.stage in ("prune", "fill") else [])
-    return stage(args, *inputs, out) if args.stage in ("compact", "eval", "export") else once(args, out, stage, *inputs)
+    return once(args, out, stage, *inputs) if args.stage in RESUMABLE else stage(args, *inputs, out)
 
 
 def cli(argv=None):
