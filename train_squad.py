@@ -226,7 +226,8 @@ def stage_compact(args, masked_path, out):
     pictures = {"structure.png": report.plot_report(r), "heads.png": report.plot_masks(masked)}
     if None in pictures.values():
         log(f"compact: matplotlib is not installed, so {out / 'structure.png'} and heads.png were not drawn "
-            "(pip install matplotlib, then run --stage compact again)")
+            "(pip install matplotlib, then run the same command again with --resume for --stage all, "
+            "--overwrite_output_dir for --stage compact)")
     save_checkpoint(small, out, vocab, lowercase, {"report.json": json.dumps(r, indent=2).encode(),
                                                    **{k: v for k, v in pictures.items() if v}})
     h, diff = r["head_pruning"], r["max_logit_difference_from_masked"]

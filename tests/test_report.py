@@ -72,7 +72,8 @@ def test_compaction_without_matplotlib_says_which_pictures_were_not_drawn(tmp_pa
              "--output_dir", str(tmp_path / "compact")])
     said = [line for line in capsys.readouterr().err.splitlines() if "matplotlib" in line]
     assert said == [f"compact: matplotlib is not installed, so {tmp_path / 'compact/structure.png'} and heads.png "
-                    "were not drawn (pip install matplotlib, then run --stage compact again)"]
+                    "were not drawn (pip install matplotlib, then run the same command again with --resume for "
+                    "--stage all, --overwrite_output_dir for --stage compact)"]
     assert (tmp_path / "compact/report.json").exists() and not (tmp_path / "compact/heads.png").exists()
 
 
